@@ -1,0 +1,10 @@
+"""parallel_yolo: train Ultralytics YOLO detectors under DDP, DeepSpeed ZeRO and FSDP2 behind one strategy layer."""
+
+import os
+
+# Nothing may be downloaded at run time: Ultralytics checks for updates, fonts and assets unless told it is offline.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", os.environ.get("YOLO_VERBOSE", "True"))
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

@@ -1,0 +1,83 @@
+"""`parallel-yolo <train|val|help> key=value ...` (also `python -m parallel_yolo ...`).
+
+Mistakes in the command exit with code 2 and one line naming the fix; `nproc=N` outside a launcher starts N
+local processes through torch's elastic launcher, each of which runs this same entry point.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError, TrainConfig, ValConfig, parse_overrides
+
+__all__ = ["main"]
+
+USAGE = """usage: parallel-yolo COMMAND key=value ...
+
+commands:
+  train   train a detector          e.g. parallel-yolo train cfg=configs/train/demo.yaml
+  val     evaluate a checkpoint     e.g. parallel-yolo val checkpoint=runs/detect/train/weights/best
+  help    this text and the keys of every command
+
+launch: add nproc=N for N local processes, or run under torchrun / accelerate launch / deepspeed.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"help", "-h", "--help"}:
+        print(USAGE + _keys_help())
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "val":
+            return _val(rest)
+        raise ConfigError(f"unknown command '{command}'; use train, val or help")
+    except ConfigError as e:
+        print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("parallel-yolo: interrupted", file=sys.stderr)
+        return 130
+
+
+def _train(tokens: list[str]) -> int:
+    from . import dist
+    from .trainer import preflight, train
+
+    cfg = parse_overrides(tokens, TrainConfig)
+    env = dist.read_env()
+    if cfg.nproc and env.launched and cfg.nproc != env.world_size:
+        raise ConfigError(f"nproc={cfg.nproc} but the launcher started {env.world_size} processes; drop nproc=")
+    if cfg.nproc and not env.launched:
+        preflight(cfg, world_size=cfg.nproc)
+        return dist.launch_local(cfg.nproc, ["train", *tokens])
+    train(cfg)
+    return 0
+
+
+def _val(tokens: list[str]) -> int:
+    from . import dist
+    from .validate import run_val
+
+    cfg = parse_overrides(tokens, ValConfig)
+    env = dist.read_env()
+    if cfg.nproc and not env.launched:
+        return dist.launch_local(cfg.nproc, ["val", *tokens])
+    run_val(cfg)
+    return 0
+
+
+def _keys_help() -> str:
+    import dataclasses
+
+    lines = []
+    for name, schema in (("train", TrainConfig), ("val", ValConfig)):
+        keys = [f.name for f in dataclasses.fields(schema) if f.name != "hyp"]
+        lines.append(f"\n{name} keys: " + ", ".join(keys))
+    from .config import ULTRALYTICS_KEYS
+
+    lines.append("\nUltralytics hyper-parameters also accepted by train: " + ", ".join(ULTRALYTICS_KEYS))
+    return "\n".join(lines)

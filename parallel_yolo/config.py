@@ -1,0 +1,280 @@
+"""Typed run configuration: a recipe yaml (`cfg=FILE`) plus `key=value` overrides, validated up front.
+
+Key names follow Ultralytics where one exists. Every mistake raises `ConfigError` with one line that names the
+problem and the fix; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "TrainConfig", "ValConfig", "parse_overrides", "ULTRALYTICS_KEYS"]
+
+STRATEGY_NAMES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+
+# Ultralytics keys that reach the dataset pipeline, the loss or the validator unchanged. Any other Ultralytics key
+# is refused by name rather than silently ignored.
+ULTRALYTICS_KEYS = {
+    "cache": False, "single_cls": False, "rect": False, "classes": None, "split": "val",
+    "hsv_h": 0.015, "hsv_s": 0.7, "hsv_v": 0.4, "degrees": 0.0, "translate": 0.1, "scale": 0.5, "shear": 0.0,
+    "perspective": 0.0, "flipud": 0.0, "fliplr": 0.5, "bgr": 0.0, "mosaic": 1.0, "mixup": 0.0, "cutmix": 0.0,
+    "copy_paste": 0.0, "copy_paste_mode": "flip", "auto_augment": "randaugment", "erasing": 0.4,
+    "box": 7.5, "cls": 0.5, "dfl": 1.5, "nbs": 64, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1,
+    "conf": None, "iou": 0.7, "max_det": 300, "save_json": False, "verbose": True,
+}
+
+
+class ConfigError(ValueError):
+    """A user mistake in the command or the recipe: reported as one line, exit code 2."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything `parallel-yolo train` accepts. `batch` is the GLOBAL batch over all processes."""
+
+    model: str = "yolov8n.yaml"
+    """An Ultralytics model yaml (yolov8n.yaml, yolo11x.yaml, yolov8x-p6.yaml, a local file) or a local .pt."""
+    data: str = "demo"
+    """An Ultralytics data yaml, or `demo` for the synthetic shapes dataset generated into a cache folder."""
+    epochs: int = 100
+    batch: int = 16
+    """Global batch: images per iteration summed over all processes (batch=64 on 8 GPUs = 8 per GPU)."""
+    micro_batch: int | None = None
+    """Images per forward pass on one process; default batch/world_size. Smaller values accumulate gradients."""
+    imgsz: int = 640
+    workers: int = 8
+    """Dataloader workers per process, capped at the CPU cores available to that process."""
+    device: str | None = None
+    """None picks CUDA when present, else CPU; `cpu` forces CPU and gloo."""
+    optimizer: str = "auto"
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 3.0
+    cos_lr: bool = False
+    close_mosaic: int = 10
+    seed: int = 0
+    deterministic: bool = True
+    project: str = "runs/detect"
+    name: str = "train"
+    exist_ok: bool = False
+    resume: bool | str = False
+    fraction: float = 1.0
+    val: bool = True
+    """Validate every epoch; the final epoch is always validated."""
+    plots: bool = False
+    """Ultralytics' plots need a font download, so they are off unless asked for."""
+    strategy: str | None = None
+    """single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp; default from the launcher."""
+    precision: str | None = None
+    """fp32, bf16-mixed or fp16-mixed; default from the launcher (accelerate's mixed_precision) or fp32."""
+    nproc: int | None = None
+    """Start this many local processes when not already under a launcher."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (then validate and save as at the end of training)."""
+    ckpt_every: int = 0
+    """Also save a checkpoint every N optimizer steps (0: only at epoch ends)."""
+    keep_last: int = 3
+    sync_bn: bool = False
+    hyp: dict[str, Any] = field(default_factory=dict)
+    """Ultralytics hyper-parameters from ULTRALYTICS_KEYS that were set explicitly."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch", "imgsz")
+        _at_least(self, 0, "workers", "close_mosaic", "ckpt_every", "warmup_epochs", "lr0", "lrf", "weight_decay")
+        _at_least(self, 1, "keep_last")
+        for key in ("micro_batch", "nproc", "max_steps"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}={value}: must be a positive integer; remove it to use the default")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction={self.fraction}: must be in (0, 1], e.g. fraction=0.1 for a tenth of the data")
+        if self.strategy is not None and self.strategy not in STRATEGY_NAMES:
+            raise ConfigError(f"strategy={self.strategy}: unknown{_suggest(self.strategy, STRATEGY_NAMES)}; "
+                              f"choose one of {', '.join(STRATEGY_NAMES)}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; "
+                              f"choose one of {', '.join(PRECISIONS)}")
+        if self.resume:
+            raise ConfigError("resume: resuming needs the sharded checkpoint format, which this version does not "
+                              "have yet; start a new run without resume=")
+        if self.device is not None and self.device != "cpu" and not _is_cuda_spec(self.device):
+            raise ConfigError(f"device={self.device}: use device=cpu, or leave it out to use CUDA when present")
+
+    @property
+    def hyp_value(self) -> dict[str, Any]:
+        """All Ultralytics hyper-parameters: their defaults overridden by what the user set."""
+        return {**ULTRALYTICS_KEYS, **self.hyp}
+
+    def per_rank_batch(self, world_size: int) -> tuple[int, int]:
+        """(images per process per iteration, images per forward pass); refuses a batch that does not split."""
+        if self.batch % world_size:
+            lower, upper = self.batch // world_size * world_size, -(-self.batch // world_size) * world_size
+            fix = f"batch={upper}" if lower == 0 else f"batch={lower} or batch={upper}"
+            raise ConfigError(f"batch={self.batch} is not divisible by the {world_size} processes; use {fix}")
+        local = self.batch // world_size
+        micro = self.micro_batch or local
+        if local % micro:
+            raise ConfigError(f"micro_batch={micro} does not divide the {local} images each process gets per "
+                              f"iteration (batch={self.batch} over {world_size} processes); pick a divisor of {local}")
+        return local, micro
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hyp"}
+        return {**out, **self.hyp_value}
+
+
+@dataclass(kw_only=True, slots=True)
+class ValConfig:
+    """What `parallel-yolo val` accepts."""
+
+    checkpoint: str
+    """A checkpoint folder written by training, or a consolidated .pt."""
+    data: str | None = None
+    """Data yaml; default: the one the checkpoint was trained on."""
+    imgsz: int | None = None
+    batch: int = 16
+    workers: int = 2
+    device: str | None = None
+    split: str = "val"
+    conf: float | None = None
+    iou: float = 0.7
+    nproc: int | None = None
+    project: str = "runs/detect"
+    name: str = "val"
+    exist_ok: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch")
+        if self.imgsz is not None:
+            _positive(self, "imgsz")
+        if not Path(self.checkpoint).exists():
+            raise ConfigError(f"checkpoint={self.checkpoint}: not found; pass a run's weights/last or weights/best "
+                              "folder, or a consolidated .pt")
+
+
+def parse_overrides(tokens: list[str], schema: type) -> Any:
+    """Build `schema` from `key=value` tokens; `cfg=FILE` first loads a recipe yaml that the other tokens override."""
+    pairs: dict[str, Any] = {}
+    for token in tokens:
+        if token.startswith("--local_rank") or token.startswith("--local-rank"):
+            continue  # the deepspeed launcher appends this; LOCAL_RANK in the environment says the same
+        key, sep, raw = token.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"'{token}': arguments are key=value pairs, e.g. epochs=10")
+        pairs[key.strip()] = _parse_value(raw)
+    recipe = pairs.pop("cfg", None)
+    merged = {**(_load_recipe(recipe) if recipe else {}), **pairs}
+    return _build(schema, merged)
+
+
+def _build(schema: type, values: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)} - {"hyp"}
+    kwargs: dict[str, Any] = {}
+    hyp: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in names:
+            kwargs[key] = _check_type(key, value, hints[key])
+        elif "hyp" in hints and key in ULTRALYTICS_KEYS:
+            default = ULTRALYTICS_KEYS[key]
+            hyp[key] = value if default is None else _check_type(key, value, type(default))
+        else:
+            raise ConfigError(_unknown_key(key, names | (set(ULTRALYTICS_KEYS) if "hyp" in hints else set())))
+    if "hyp" in hints:
+        kwargs["hyp"] = hyp
+    missing = [f.name for f in dataclasses.fields(schema)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs]
+    if missing:
+        raise ConfigError(f"missing {missing[0]}=...; e.g. {missing[0]}=runs/detect/train/weights/best")
+    return schema(**kwargs)
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, (dict, list)) else value
+
+
+def _load_recipe(path: Any) -> dict[str, Any]:
+    file = Path(str(path))
+    if not file.is_file():
+        raise ConfigError(f"cfg={path}: recipe file not found; pass a yaml such as configs/train/demo.yaml")
+    try:
+        content = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cfg={path}: not valid yaml ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"cfg={path}: must be a mapping of key: value lines")
+    return {str(k): v for k, v in content.items()}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    wanted = " or ".join(_type_word(o) for o in options if o is not type(None))
+    raise ConfigError(f"{key}={value!r}: expected {wanted}, e.g. {key}={_example(options)}")
+
+
+_UnionType = type(int | None)
+
+
+def _type_word(option: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(option, str(option))
+
+
+def _example(options: tuple) -> str:
+    for option, example in ((bool, "true"), (int, "10"), (float, "0.01"), (str, "value")):
+        if option in options:
+            return example
+    return "value"
+
+
+def _unknown_key(key: str, known: set[str]) -> str:
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    if key in DEFAULT_CFG_DICT:
+        return (f"{key}: an Ultralytics key that parallel-yolo does not use (it would be silently ignored); "
+                f"remove it")
+    return f"{key}: unknown key{_suggest(key, known)}; see `parallel-yolo help` for the keys"
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    _at_least(cfg, 1, *keys)
+
+
+def _at_least(cfg: Any, low: float, *keys: str) -> None:
+    for key in keys:
+        value = getattr(cfg, key)
+        if value < low:
+            raise ConfigError(f"{key}={value}: must be >= {low}")
+
+
+def _is_cuda_spec(device: str) -> bool:
+    return device.startswith("cuda") or all(part.strip().isdigit() for part in device.split(","))

@@ -1,0 +1,195 @@
+"""Data: Ultralytics' dataset pipeline (YOLODataset, its augmentations and collate) fed by a global-batch sampler,
+plus the synthetic `demo` dataset generated locally.
+
+The sampler gives rank r the r-th contiguous slice of every global batch, so a run on N processes sees exactly
+the images a single process sees, split the same way a single process splits them into micro-batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .config import ConfigError
+
+__all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "train_loader", "val_loader",
+           "preprocess", "split_batch"]
+
+DEMO_CLASSES = {0: "square", 1: "circle", 2: "triangle"}
+DEMO_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PARALLEL_YOLO_CACHE", Path.home() / ".cache" / "parallel_yolo"))
+
+
+def demo_dataset(*, n_train: int = 256, n_val: int = 64, size: int = 160, seed: int = 0) -> Path:
+    """Generate (once) the shapes dataset in YOLO layout and return its data yaml.
+
+    Each image holds 1-3 filled shapes of the three classes on a noisy background. Generation is deterministic
+    and atomic (written to a temporary folder, then renamed), so concurrent ranks never see half a dataset.
+    """
+    key = hashlib.sha1(f"{DEMO_VERSION}-{n_train}-{n_val}-{size}-{seed}".encode()).hexdigest()[:10]
+    root = cache_dir() / f"demo-{key}"
+    yaml_file = root / "data.yaml"
+    if yaml_file.is_file():
+        return yaml_file
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n_train), ("val", n_val)):
+        (tmp / "images" / split).mkdir(parents=True)
+        (tmp / "labels" / split).mkdir(parents=True)
+        for i in range(count):
+            image, labels = _shapes_image(rng, size)
+            _write_png(tmp / "images" / split / f"{i:05d}.png", image)
+            (tmp / "labels" / split / f"{i:05d}.txt").write_text(
+                "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels))
+    names = "".join(f"  {k}: {v}\n" for k, v in DEMO_CLASSES.items())
+    (tmp / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first: theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return yaml_file
+
+
+def _shapes_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple]]:
+    import cv2
+
+    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    labels = []
+    for _ in range(rng.integers(1, 4)):
+        cls = int(rng.integers(0, 3))
+        side = int(rng.integers(size // 6, size // 3))
+        x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
+        color = tuple(int(c) for c in rng.integers(120, 256, 3))
+        if cls == 0:
+            cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), color, -1)
+        elif cls == 1:
+            cv2.circle(image, (x0 + side // 2, y0 + side // 2), side // 2, color, -1)
+        else:
+            points = np.array([[x0 + side // 2, y0], [x0, y0 + side - 1], [x0 + side - 1, y0 + side - 1]])
+            cv2.fillPoly(image, [points.astype(np.int32)], color)
+        labels.append((cls, (x0 + side / 2) / size, (y0 + side / 2) / size, side / size, side / size))
+    return image, labels
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    import cv2
+
+    cv2.imwrite(str(path), image)
+
+
+def resolve_dataset(spec: str) -> dict[str, Any]:
+    """Ultralytics' parsed data dict (paths resolved, names, nc) for a data yaml or `demo`; never downloads."""
+    from ultralytics.data.utils import check_det_dataset
+
+    path = demo_dataset() if spec == "demo" else Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"data={spec}: file not found; pass an Ultralytics data yaml (COCO layout) or data=demo")
+    try:
+        data = check_det_dataset(str(path), autodownload=False)
+    except Exception as e:  # Ultralytics raises several types, with emoji-laden multi-line messages
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"data={spec}: {reason}; fix the data yaml (train:, val:, names:)") from None
+    for split in ("train", "val"):
+        if not data.get(split):
+            raise ConfigError(f"data={spec}: no '{split}:' entry; add the {split} image folder to the yaml")
+    return data
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Indices for one rank: a seeded permutation per epoch, padded to whole global batches, sliced per rank.
+
+    Every rank computes the same permutation; within global batch k, rank r takes positions
+    [k*B + r*b, k*B + (r+1)*b) where B is the global batch and b = B / world_size.
+    """
+
+    def __init__(self, size: int, *, batch: int, rank: int, world_size: int, shuffle: bool, seed: int):
+        self.size, self.batch, self.rank, self.world_size = size, batch, rank, world_size
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.local = batch // world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> int:
+        return math.ceil(self.size / self.batch)
+
+    def __len__(self) -> int:
+        return self.batches() * self.local
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.batches() * self.batch
+        order = (order * math.ceil(total / self.size))[:total]  # wrap around to fill the last global batch
+        for k in range(self.batches()):
+            start = k * self.batch + self.rank * self.local
+            yield from order[start:start + self.local]
+
+
+def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: int, seed: int) -> DataLoader:
+    sampler = GlobalBatchSampler(len(dataset), batch=batch, rank=rank, world_size=world_size, shuffle=True, seed=seed)
+    return DataLoader(dataset, batch_size=batch // world_size, sampler=sampler, num_workers=workers,
+                      collate_fn=dataset.collate_fn, worker_init_fn=_seed_worker,
+                      generator=torch.Generator().manual_seed(seed + rank), persistent_workers=False)
+
+
+def val_loader(dataset, *, batch: int, workers: int, distributed: bool) -> DataLoader:
+    """Ultralytics' own val loader: each rank takes a contiguous shard; the validator gathers the stats."""
+    from ultralytics.data.build import build_dataloader
+
+    return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=0 if distributed else -1)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def preprocess(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Ultralytics' DetectionTrainer.preprocess_batch: tensors to the device, images to float in [0, 1]."""
+    out = {k: v.to(device, non_blocking=device.type == "cuda") if isinstance(v, torch.Tensor) else v
+           for k, v in batch.items()}
+    out["img"] = out["img"].float() / 255
+    return out
+
+
+def split_batch(batch: dict[str, Any], micro: int) -> list[dict[str, Any]]:
+    """Cut a collated batch into micro-batches of `micro` images, re-indexing the per-box batch_idx."""
+    n = batch["img"].shape[0]
+    if micro >= n:
+        return [batch]
+    parts = []
+    for start in range(0, n, micro):
+        stop = min(start + micro, n)
+        boxes = (batch["batch_idx"] >= start) & (batch["batch_idx"] < stop)
+        part = {}
+        for k, v in batch.items():
+            if k in ("batch_idx", "cls", "bboxes"):
+                part[k] = v[boxes] - start if k == "batch_idx" else v[boxes]
+            elif isinstance(v, torch.Tensor) and v.shape[:1] == (n,):
+                part[k] = v[start:stop]
+            elif isinstance(v, (list, tuple)) and len(v) == n:
+                part[k] = v[start:stop]
+            else:
+                part[k] = v
+        parts.append(part)
+    return parts

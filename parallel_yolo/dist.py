@@ -1,0 +1,113 @@
+"""Process-group plumbing: read whichever launcher started us, initialise the group, or start N local processes.
+
+torchrun, `accelerate launch` and the `deepspeed` launcher all export RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT, so one reader serves them all; accelerate additionally tells us which strategy and
+precision its config asked for (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED, ACCELERATE_MIXED_PRECISION ...).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "read_env", "init_process_group", "destroy", "launch_local", "cpu_threads_per_process"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    launched: bool = False
+    """True when a launcher started this process (the group must be initialised even for one process)."""
+    accelerate: dict[str, str] | None = None
+    """The ACCELERATE_* / FSDP_* variables accelerate exported, when it is the launcher."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_env(environ: dict[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return DistEnv()
+    world = int(env["WORLD_SIZE"])
+    accelerate = {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    return DistEnv(
+        rank=int(env["RANK"]),
+        local_rank=int(env.get("LOCAL_RANK", env["RANK"])),
+        world_size=world,
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+        launched=True,
+        accelerate=accelerate if any(k.startswith("ACCELERATE_") for k in accelerate) else None,
+    )
+
+
+def pick_device(env: DistEnv, requested: str | None) -> torch.device:
+    """CUDA (one GPU per local rank) when present and not refused, else CPU."""
+    if requested != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    if requested not in (None, "cpu"):
+        raise RuntimeError(f"device={requested}: no CUDA device is visible; use device=cpu or leave device out")
+    return torch.device("cpu")
+
+
+def cpu_threads_per_process(env: DistEnv) -> int:
+    """Share the cores among the local processes: N processes with all cores each thrash a small machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(env.local_world_size, 1))
+
+
+def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800.0) -> None:
+    """nccl for CUDA, gloo for CPU; a no-op for a single process started without a launcher."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads_per_process(env))
+    else:
+        torch.cuda.set_device(device)
+    if not env.launched or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """Run `python -m parallel_yolo ARGV` in `nproc` local processes through torch's elastic launcher.
+
+    The children see RANK / WORLD_SIZE like under torchrun, so they take the same code path as any launcher.
+    Returns the exit code to give back: 0, or the first failing child's.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.5,
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "parallel_yolo", *argv)
+    except ChildFailedError as e:
+        _, failure = min(e.failures.items())
+        return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

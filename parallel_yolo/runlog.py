@@ -1,0 +1,57 @@
+"""The run folder `{project}/{name}/`: args.yaml, results.csv (per epoch), steps.csv (per optimizer step).
+
+Only rank 0 writes; every other rank gets a RunLog that does nothing, so callers never check the rank.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RunLog", "STEP_COLUMNS"]
+
+STEP_COLUMNS = ("step", "epoch", "loss", "box_loss", "cls_loss", "dfl_loss", "lr", "grad_norm", "images_per_s")
+
+
+class RunLog:
+    def __init__(self, folder: Path, *, writer: bool):
+        self.folder = Path(folder)
+        self.writer = writer
+        self._headers: dict[str, list[str]] = {}
+
+    @staticmethod
+    def new_folder(project: str, name: str, exist_ok: bool) -> Path:
+        """Ultralytics' naming: train, train2, train3 ... unless exist_ok reuses the name."""
+        from ultralytics.utils.files import increment_path
+
+        return Path(increment_path(Path(project) / name, exist_ok=exist_ok))
+
+    def write_args(self, args: dict[str, Any]) -> None:
+        if self.writer:
+            (self.folder / "weights").mkdir(parents=True, exist_ok=True)
+            (self.folder / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
+
+    def step(self, row: dict[str, Any]) -> None:
+        self._append("steps.csv", {k: row.get(k, "") for k in STEP_COLUMNS})
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self._append("results.csv", row)
+
+    def _append(self, file: str, row: dict[str, Any]) -> None:
+        if not self.writer:
+            return
+        path = self.folder / file
+        header = self._headers.setdefault(file, list(row))
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
+            if new:
+                out.writeheader()
+            out.writerow({k: _fmt(row.get(k, "")) for k in header})
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.9g}" if isinstance(value, float) else value

@@ -1,0 +1,168 @@
+"""The strategy contract: everything the trainer needs from a parallelism backend, and nothing else.
+
+A strategy wraps the model and optimizer, translates the precision policy, runs backward and the optimizer step
+(unscale, global-norm clip, skip non-finite, step, zero grads), and owns the collectives. The trainer calls these
+methods and never asks which backend it is talking to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..dist import DistEnv
+from ..precision import PrecisionPolicy
+
+__all__ = ["Strategy", "ReplicatedEMA", "MAX_GRAD_NORM"]
+
+MAX_GRAD_NORM = 10.0  # Ultralytics' optimizer_step clips at 10.0
+
+
+class Strategy:
+    name: ClassVar[str]
+    """Registry key: what `strategy=` and the preset file are called."""
+
+    def __init__(self, *, env: DistEnv, device: torch.device, precision: PrecisionPolicy, options: dict[str, Any]):
+        self.env = env
+        self.device = device
+        self.precision = precision
+        self.options = options
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
+        self.skipped_steps = 0
+
+    # ---- identity and collectives -------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
+        """Sum (or average) a tensor over ranks, in place; returns it for chaining."""
+        if self.distributed and self.world_size > 1:
+            dist.all_reduce(tensor)
+            if mean:
+                tensor /= self.world_size
+        return tensor
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's value of a picklable object, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # ---- model and optimizer -------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap `model`, then build the optimizer over the parameters the wrapped model trains.
+
+        `make_optimizer` receives the unwrapped module so Ultralytics' param-group rules see the real module tree.
+        """
+        raise NotImplementedError
+
+    @property
+    def raw_model(self) -> nn.Module:
+        """The unwrapped module (parameters may be shards under sharded strategies)."""
+        return self._raw
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Low-precision compute for the forward pass; the loss is computed outside, in fp32."""
+        policy = self.precision
+        return torch.autocast(self.device.type, dtype=policy.compute_dtype, enabled=policy.mixed)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Context for a backward that only accumulates (no gradient communication)."""
+        return contextlib.nullcontext()
+
+    def step(self) -> tuple[float, bool]:
+        """Unscale, clip to the global norm, step unless non-finite, zero grads. Returns (grad norm, stepped)."""
+        self.scaler.unscale_(self.optimizer)
+        norm = self.clip_grad_norm(MAX_GRAD_NORM)
+        finite = math.isfinite(norm)
+        if finite:
+            self.scaler.step(self.optimizer)
+        else:
+            self.skipped_steps += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, finite
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip by the norm over ALL gradients of the model (every shard on every rank)."""
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups, where the trainer sets lr and momentum."""
+        return self.optimizer.param_groups
+
+    # ---- buffers, EMA and state ----------------------------------------------------------------------------------
+    def sync_buffers(self, module: nn.Module | None = None) -> None:
+        """Average floating-point buffers (BatchNorm running stats) over ranks so every rank holds the same values."""
+        if not (self.distributed and self.world_size > 1):
+            return
+        for buffer in (module or self.raw_model).buffers():
+            if buffer.dtype.is_floating_point:
+                dist.all_reduce(buffer)
+                buffer /= self.world_size
+
+    def make_ema(self) -> ReplicatedEMA:
+        return ReplicatedEMA(self)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on CPU (collective under sharded strategies)."""
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+    def named_parameters_full(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from self.full_state_dict().items()
+
+
+class ReplicatedEMA:
+    """Ultralytics' ModelEMA over the unwrapped model, for strategies where every rank holds the full weights."""
+
+    def __init__(self, strategy: Strategy):
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        self.strategy = strategy
+        self._ema = ModelEMA(strategy.raw_model)
+
+    @property
+    def updates(self) -> int:
+        return self._ema.updates
+
+    def update(self) -> None:
+        self._ema.update(self.strategy.raw_model)
+
+    def update_attr(self) -> None:
+        self._ema.update_attr(self.strategy.raw_model, include=["yaml", "nc", "args", "names", "stride"])
+
+    def full_model(self) -> nn.Module:
+        """The EMA model for validation and export; buffers averaged over ranks first."""
+        self.strategy.sync_buffers(self._ema.ema)
+        return self._ema.ema

@@ -1,0 +1,43 @@
+"""Plain data parallelism: every rank holds the whole model; gradients are all-reduced in buckets."""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import Strategy
+from .registry import register
+
+
+@register
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, model, *, make_optimizer):
+        model = model.to(self.device)
+        if self.options.get("sync_bn") and self.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self._raw = model
+        # broadcast_buffers=False: rank 0's BatchNorm statistics would overwrite the others' at every forward;
+        # instead each rank keeps its own and sync_buffers() averages them before validation and checkpoints.
+        self.model = DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.options.get("find_unused_parameters", True),
+            **{_NO_FORWARD_BUFFER_SYNC: False},
+            bucket_cap_mb=self.options.get("bucket_cap_mb", 25),
+            gradient_as_bucket_view=self.options.get("gradient_as_bucket_view", True),
+        )
+        self.optimizer = make_optimizer(model)
+        return self.model, self.optimizer
+
+    def no_sync(self):
+        return self.model.no_sync()
+
+
+# torch 2.13 renamed broadcast_buffers to forward_sync_buffers (buffers are still synced once, at wrap time: harmless,
+# every rank builds the same model)
+_NO_FORWARD_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
+                           inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")

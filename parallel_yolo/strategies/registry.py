@@ -1,0 +1,70 @@
+"""Strategy registry, presets (strategies/*.yaml, shipped as package data) and selection from key + launcher."""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from ..config import ConfigError, TrainConfig
+from ..dist import DistEnv
+
+__all__ = ["REGISTRY", "register", "preset", "select"]
+
+REGISTRY: dict[str, type] = {}
+
+_ACCELERATE_PRECISION = {"bf16": "bf16-mixed", "fp16": "fp16-mixed"}
+
+
+def register(cls: type) -> type:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The knobs a user edits for one strategy, from strategies/NAME.yaml."""
+    file = resources.files("parallel_yolo.presets") / f"{name}.yaml"
+    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+
+
+def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tuple[str, str]:
+    """(strategy, precision) from the keys, else from accelerate's exported config, else from the world size."""
+    launched_strategy, launched_precision = _from_accelerate(env.accelerate or {})
+    if cfg.strategy and launched_strategy and cfg.strategy != launched_strategy:
+        raise ConfigError(f"strategy={cfg.strategy} conflicts with the accelerate config, which asks for "
+                          f"{launched_strategy}; drop strategy= or launch with a {cfg.strategy} config")
+    if cfg.precision and launched_precision and cfg.precision != launched_precision:
+        raise ConfigError(f"precision={cfg.precision} conflicts with the accelerate config's mixed_precision "
+                          f"({launched_precision}); drop precision= or change mixed_precision in the config")
+    name = cfg.strategy or launched_strategy or ("ddp" if world_size > 1 else "single")
+    precision = cfg.precision or launched_precision or "fp32"
+    if name not in REGISTRY:
+        raise ConfigError(f"strategy={name} is not available in this version; use one of {', '.join(REGISTRY)}")
+    if name == "single" and world_size > 1:
+        raise ConfigError(f"strategy=single cannot run on {world_size} processes; use strategy=ddp or one process")
+    if cfg.sync_bn and world_size > 1 and not cuda:
+        raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm refuses CPU tensors); drop sync_bn "
+                          "on CPU")
+    return name, precision
+
+
+def _from_accelerate(acc: dict[str, str]) -> tuple[str | None, str | None]:
+    precision = _ACCELERATE_PRECISION.get(acc.get("ACCELERATE_MIXED_PRECISION", "").lower())
+    if _true(acc.get("ACCELERATE_USE_DEEPSPEED")):
+        stage = acc.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        offload = any(acc.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind}_DEVICE", "none").lower() == "cpu"
+                      for kind in ("OPTIMIZER", "PARAM"))
+        return ("zero3_offload" if stage == "3" and offload else f"zero{stage}"), precision
+    if _true(acc.get("ACCELERATE_USE_FSDP")):
+        sharding = acc.get("FSDP_SHARDING_STRATEGY", "").upper()
+        if "HYBRID" in sharding or sharding in {"4", "5"}:
+            return "hsdp", precision
+        reshard = acc.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+        grad_op = reshard in {"false", "0", "shard_grad_op"} or "SHARD_GRAD_OP" in sharding
+        return ("fsdp_grad_op" if grad_op else "fsdp"), precision
+    return None, precision
+
+
+def _true(value: str | None) -> bool:
+    return str(value).lower() in {"1", "true", "yes"}

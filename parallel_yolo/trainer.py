@@ -1,0 +1,248 @@
+"""The training loop. It reads top to bottom: set up, then epochs of iterations, validation and saving.
+
+Every backend question (wrapping, precision, gradient sync, the optimizer step, collectives) goes to the
+strategy, so this file is the same for every strategy and launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from copy import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, data as datamod, dist, yolo
+from .config import TrainConfig
+from .precision import policy
+from .recipe import Schedule
+from .runlog import RunLog
+from .strategies import create, preset, select
+from .validate import Evaluator
+
+__all__ = ["train", "preflight"]
+
+
+def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
+    """Every check that needs no process group, run on every rank (and before a self-launch), so that a mistake
+    stops all ranks with the same one-line error instead of leaving some waiting in a collective."""
+    env = dist.read_env()
+    device = dist.pick_device(env, cfg.device)
+    choice = select(cfg, env, world_size=world_size, cuda=device.type == "cuda")
+    cfg.per_rank_batch(world_size)
+    datamod.resolve_dataset(cfg.data)
+    yolo.check_model_spec(cfg.model)
+    return choice
+
+
+def train(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Run training; returns the final validation metrics on rank 0 (None elsewhere)."""
+    env = dist.read_env()
+    name, precision = preflight(cfg, world_size=env.world_size)
+    device = dist.pick_device(env, cfg.device)
+    dist.init_process_group(env, device)
+    try:
+        strategy = create(name, env=env, device=device, precision=policy(precision),
+                          options={**preset(name), "sync_bn": cfg.sync_bn})
+        return Trainer(cfg, strategy).fit()
+    finally:
+        dist.destroy()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, strategy):
+        from ultralytics.utils.torch_utils import init_seeds
+
+        self.cfg, self.strategy, self.device = cfg, strategy, strategy.device
+        init_seeds(cfg.seed, cfg.deterministic)
+        self.data = datamod.resolve_dataset(cfg.data)
+        self.local_batch, self.micro = cfg.per_rank_batch(strategy.world_size)
+        self.hyp = yolo.hyp_namespace(cfg)
+        model = yolo.build_model(cfg.model, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
+                                 verbose=False)
+        self.criterion = yolo.build_criterion(model)
+        self.stride = max(int(model.stride.max()), 32)
+        self._build_loaders()
+        self.accumulate, weight_decay = yolo.nominal_accumulate(cfg, self.batches_per_epoch)
+        make_optimizer = yolo.optimizer_factory(cfg, self.hyp, nc=self.data["nc"],
+                                                dataset_size=len(self.train_loader.dataset), weight_decay=weight_decay)
+        self.model, _ = strategy.setup(model, make_optimizer=make_optimizer)
+        self.groups = strategy.param_groups()
+        Schedule.remember_initial(self.groups)
+        self.schedule = Schedule(epochs=cfg.epochs, lrf=cfg.lrf, cos_lr=cfg.cos_lr, warmup_epochs=cfg.warmup_epochs,
+                                 warmup_bias_lr=self.hyp.warmup_bias_lr, warmup_momentum=self.hyp.warmup_momentum,
+                                 momentum=cfg.momentum, batches_per_epoch=self.batches_per_epoch,
+                                 accumulate=self.accumulate)
+        self.ema = strategy.make_ema()
+        folder = strategy.broadcast_object(
+            RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if strategy.is_main else None)
+        self.log = RunLog(folder, writer=strategy.is_main)
+        self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
+                             "world_size": strategy.world_size, "imgsz": self.imgsz})
+        self.evaluator = Evaluator(loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
+                                   device=self.device, world_size=strategy.world_size)
+        self.step, self.best_fitness, self.loss_names = 0, None, ("box_loss", "cls_loss", "dfl_loss")
+
+    def _build_loaders(self) -> None:
+        from ultralytics.data.build import build_yolo_dataset
+        from ultralytics.utils.checks import check_imgsz
+
+        cfg, strategy = self.cfg, self.strategy
+        self.imgsz = self.hyp.imgsz = check_imgsz(cfg.imgsz, stride=self.stride, max_dim=1)
+        workers = min(cfg.workers, dist.cpu_threads_per_process(strategy.env))
+        train_set = _on_main_first(strategy, lambda: build_yolo_dataset(
+            self.hyp, self.data["train"], self.local_batch, self.data, mode="train", stride=self.stride))
+        val_set = _on_main_first(strategy, lambda: build_yolo_dataset(
+            self.hyp, self.data["val"], self.local_batch * 2, self.data, mode="val", rect=True, stride=self.stride))
+        self.train_loader = datamod.train_loader(train_set, batch=cfg.batch, rank=strategy.rank,
+                                                 world_size=strategy.world_size, workers=workers, seed=cfg.seed)
+        self.val_loader = datamod.val_loader(val_set, batch=self.local_batch * 2, workers=workers,
+                                             distributed=strategy.distributed)
+        self.batches_per_epoch = self.train_loader.sampler.batches()
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any] | None:
+        cfg, strategy = self.cfg, self.strategy
+        self._say(f"{strategy.name} x{strategy.world_size} on {self.device.type}, {strategy.precision.name}, "
+                  f"batch {cfg.batch} ({self.local_batch}/process, micro-batch {self.micro}), imgsz {self.imgsz}, "
+                  f"accumulate {self.accumulate}, run folder {self.log.folder}")
+        metrics, last_opt, stop, start = None, -1, False, time.time()
+        for epoch in range(cfg.epochs):
+            self.schedule.start_epoch(self.groups, epoch)
+            self.model.train()
+            self.train_loader.sampler.set_epoch(epoch)
+            if cfg.close_mosaic and epoch == max(cfg.epochs - cfg.close_mosaic, 0):
+                self.train_loader.dataset.close_mosaic(hyp=copy(self.hyp))
+            epoch_loss, stop, last_opt = self._train_epoch(epoch, last_opt)
+            if hasattr(self.criterion, "update"):
+                self.criterion.update()
+            self.ema.update_attr()
+            final = stop or epoch + 1 == cfg.epochs
+            metrics = self._validate() if cfg.val or final else None
+            self._end_epoch(epoch, epoch_loss, metrics, time.time() - start)
+            if final:
+                break
+        self._say(f"done in {time.time() - start:.1f}s: " + _summary(metrics))
+        return metrics
+
+    def _train_epoch(self, epoch: int, last_opt: int) -> tuple[dict[str, float], bool, int]:
+        from ultralytics.utils import TQDM
+
+        strategy, nb = self.strategy, self.batches_per_epoch
+        sums, seen, window, tick = torch.zeros(len(self.loss_names)), 0, torch.zeros(len(self.loss_names)), time.time()
+        bar = TQDM(self.train_loader, total=nb, disable=not strategy.is_main, desc=f"{epoch + 1}/{self.cfg.epochs}")
+        for i, batch in enumerate(bar):
+            ni = i + nb * epoch
+            accumulate = self.schedule.warmup(self.groups, ni, epoch)
+            stepping = ni - last_opt >= accumulate
+            items = self._forward_backward(datamod.preprocess(batch, self.device), sync=stepping)
+            sums, window, seen = sums + items, window + items, seen + 1
+            if strategy.is_main:
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(self.loss_names, (sums / seen).tolist())})
+            if not stepping:
+                continue
+            norm, _ = strategy.step()
+            self.ema.update()
+            self.step, iterations, last_opt = self.step + 1, ni - last_opt, ni
+            losses = strategy.all_reduce(window / iterations, mean=True).tolist()
+            elapsed, tick, window = time.time() - tick, time.time(), torch.zeros_like(window)
+            self.log.step({"step": self.step, "epoch": epoch + 1, "loss": sum(losses), "lr": self.groups[0]["lr"],
+                           "grad_norm": norm, "images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9),
+                           **dict(zip(self.loss_names, losses))})
+            if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
+                self._save(self.log.folder / "checkpoints" / f"step_{self.step}", epoch, None)
+            if self.cfg.max_steps and self.step >= self.cfg.max_steps:
+                return dict(zip(self.loss_names, (sums / seen).tolist())), True, last_opt
+        return dict(zip(self.loss_names, (sums / max(seen, 1)).tolist())), False, last_opt
+
+    def _forward_backward(self, batch: dict[str, Any], *, sync: bool) -> torch.Tensor:
+        """Forward and backward over the micro-batches of this process's share; returns the mean loss items.
+
+        The loss is multiplied by the world size because every strategy averages gradients over ranks, while
+        Ultralytics' loss is a per-image sum: the product keeps one gradient scale for any number of processes.
+        """
+        parts = datamod.split_batch(batch, self.micro)
+        total = torch.zeros(len(self.loss_names))
+        for j, part in enumerate(parts):
+            last = sync and j == len(parts) - 1
+            with contextlib.nullcontext() if last else self.strategy.no_sync():
+                with self.strategy.autocast():
+                    preds = self.model(part["img"])
+                loss, items = self.criterion(_to_float(preds), part)
+                self.strategy.backward(loss.sum() * self.strategy.world_size)
+            if isinstance(items, dict):
+                self.loss_names = tuple(items)
+                items = torch.stack([torch.as_tensor(v) for v in items.values()])
+            total += items.detach().float().cpu()
+        return total / len(parts)
+
+    # ---- validation, logging, saving ---------------------------------------------------------------------------
+    def _validate(self) -> dict[str, Any] | None:
+        self.strategy.sync_buffers()
+        metrics = self.evaluator(self.ema.full_model(), self.loss_names)
+        return self.strategy.broadcast_object(metrics)
+
+    def _end_epoch(self, epoch: int, losses: dict[str, float], metrics: dict | None, elapsed: float) -> None:
+        fitness = (metrics or {}).get("fitness")
+        improved = fitness is not None and (self.best_fitness is None or fitness > self.best_fitness)
+        self.best_fitness = fitness if improved else self.best_fitness
+        # Ultralytics' results.csv columns, blank in epochs that were not validated
+        shown = {k: (metrics or {}).get(k, "") for k in self.evaluator.metric_keys(self.loss_names)}
+        self.log.epoch({"epoch": epoch + 1, "time": round(elapsed, 3),
+                        **{f"train/{k}": v for k, v in losses.items()}, **shown,
+                        **{f"lr/pg{i}": g["lr"] for i, g in enumerate(self.groups)}})
+        weights = self.log.folder / "weights"
+        self._save(weights / "last", epoch, fitness)
+        if improved:
+            self._save(weights / "best", epoch, fitness)
+
+    def _save(self, folder: Path, epoch: int, fitness: float | None) -> None:
+        """The EMA weights (the model Ultralytics evaluates and exports) with what is needed to rebuild it."""
+        self.strategy.sync_buffers()
+        state = {"model": self.strategy.full_state_dict(), "ema": _full_ema_state(self.ema)}
+        if self.strategy.is_main:
+            model = self.strategy.raw_model
+            checkpoint.save(folder, state, {
+                "strategy": self.strategy.name, "precision": self.strategy.precision.name,
+                "world_size": self.strategy.world_size, "step": self.step, "epoch": epoch + 1,
+                "fitness": fitness, "best_fitness": self.best_fitness, "model_yaml": model.yaml,
+                "nc": self.data["nc"], "names": self.data["names"], "imgsz": self.imgsz,
+                "train_args": self.cfg.to_dict()})
+        self.strategy.barrier()
+
+    def _say(self, message: str) -> None:
+        if self.strategy.is_main:
+            print(message, flush=True)
+
+
+def _full_ema_state(ema) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in ema.full_model().state_dict().items()}
+
+
+def _on_main_first(strategy, build):
+    """Build on rank 0 first (it writes caches: the demo images, Ultralytics' label cache), then the others."""
+    if not strategy.is_main:
+        strategy.barrier()
+    result = build()
+    if strategy.is_main:
+        strategy.barrier()
+    return result
+
+
+def _to_float(value: Any) -> Any:
+    """Predictions in fp32 so the loss is computed in fp32 under every precision policy."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _to_float(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float(v) for v in value)
+    return value
+
+
+def _summary(metrics: dict | None) -> str:
+    if not metrics:
+        return "no validation"
+    return ", ".join(f"{k.split('/')[-1]} {v:.4f}" for k, v in metrics.items() if k.startswith("metrics/"))

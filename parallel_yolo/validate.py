@@ -1,0 +1,156 @@
+"""Validation through Ultralytics' DetectionValidator, in its training mode, on every rank.
+
+Training mode gives the validation losses and, under a process group, Ultralytics gathers the per-rank stats
+itself (each rank validates a contiguous shard). `val checkpoint=DIR` goes through the same path, so a
+checkpoint evaluates to exactly what the trainer reported when it saved it.
+"""
+
+from __future__ import annotations
+
+from copy import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Evaluator"]
+
+
+class _TrainerView:
+    """The attributes DetectionValidator reads from a trainer when it validates during training."""
+
+    def __init__(self, *, device: torch.device, data: dict, model: nn.Module, loss_names: tuple[str, ...],
+                 world_size: int):
+        self.device, self.data, self.world_size = device, data, world_size
+        self.ema = SimpleNamespace(ema=model)
+        self.loss_items = {k: torch.zeros((), device=device) for k in loss_names}
+        self.amp = False  # the EMA weights are fp32; validate them in fp32 under every policy
+        self.epoch, self.epochs = 0, 1
+        self.stopper = SimpleNamespace(possible_stop=False)
+
+    @staticmethod
+    def label_loss_items(loss_items: dict | None = None, prefix: str = "train"):
+        return {f"{prefix}/{k}": round(float(v), 5) for k, v in (loss_items or {}).items()}
+
+
+class Evaluator:
+    def __init__(self, *, loader, data: dict, hyp: Any, save_dir: Path, device: torch.device, world_size: int):
+        from ultralytics.models.yolo.detect import DetectionValidator
+
+        args = copy(hyp)
+        args.plots = bool(hyp.plots)
+        self.validator = DetectionValidator(loader, save_dir=Path(save_dir), args=args)
+        self.data, self.device, self.world_size = data, device, world_size
+
+    def metric_keys(self, loss_names: tuple[str, ...]) -> list[str]:
+        return [*self.validator.metrics.keys, *(f"val/{k}" for k in loss_names)]
+
+    def __call__(self, model: nn.Module, loss_names: tuple[str, ...]) -> dict[str, float] | None:
+        """Metrics (with 'fitness') on rank 0; None on the other ranks."""
+        if getattr(model, "criterion", None) is None:
+            model.criterion = model.init_criterion()
+        view = _TrainerView(device=self.device, data=self.data, model=model, loss_names=loss_names,
+                            world_size=self.world_size)
+        was_training = model.training
+        try:
+            return self.validator(trainer=view)
+        finally:
+            model.train(was_training)
+
+
+def run_val(cfg) -> dict[str, float] | None:
+    """`parallel-yolo val`: evaluate a checkpoint folder (or a consolidated .pt) under any launcher and world size.
+
+    Prints the metrics and writes val.json on rank 0; returns them there (None on other ranks).
+    """
+    import json
+
+    from . import dist
+    from .data import resolve_dataset, val_loader
+    from .runlog import RunLog
+
+    env = dist.read_env()
+    device = dist.pick_device(env, cfg.device)
+    model, trained = load_for_eval(cfg.checkpoint)
+    data = resolve_dataset(cfg.data or trained.get("data") or "demo")
+    if data["nc"] != model.nc:
+        raise _config_error(f"data={cfg.data}: {data['nc']} classes but the checkpoint was trained on {model.nc}; "
+                            "pass the data yaml it was trained on")
+    dist.init_process_group(env, device)
+    try:
+        from ultralytics.data.build import build_yolo_dataset
+        from ultralytics.utils.checks import check_imgsz
+
+        hyp = _eval_hyp(cfg, trained)
+        stride = max(int(model.stride.max()), 32)
+        hyp.imgsz = check_imgsz(cfg.imgsz or trained.get("imgsz") or 640, stride=stride, max_dim=1)
+        dataset = build_yolo_dataset(hyp, data[cfg.split], cfg.batch, data, mode="val", rect=True, stride=stride)
+        loader = val_loader(dataset, batch=max(cfg.batch // env.world_size, 1), workers=cfg.workers,
+                            distributed=env.launched)
+        folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None
+        if env.launched:
+            box = [folder]
+            torch.distributed.broadcast_object_list(box, src=0)
+            folder = box[0]
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        model.args = hyp
+        evaluator = Evaluator(loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,
+                              world_size=env.world_size)
+        metrics = evaluator(model.to(device).eval(), ("box_loss", "cls_loss", "dfl_loss"))
+        if env.is_main:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+            (Path(folder) / "val.json").write_text(json.dumps(metrics, indent=2))
+            print(json.dumps(metrics, indent=2), flush=True)
+            print(f"results written to {Path(folder) / 'val.json'}", flush=True)
+        return metrics
+    finally:
+        dist.destroy()
+
+
+def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
+    """(DetectionModel with the checkpoint's EMA weights, its training args) from a folder or a .pt."""
+    from . import checkpoint
+    from .yolo import load_local_pt
+
+    path = Path(source)
+    if path.is_dir():
+        try:
+            manifest = checkpoint.load_manifest(path)
+            state = checkpoint.load_tensors(path, "ema")
+        except checkpoint.CheckpointError as e:
+            raise _config_error(f"checkpoint={source}: {e}") from None
+        names = {int(k): v for k, v in manifest["names"].items()}
+        model = build_model_from_yaml(manifest["model_yaml"], nc=manifest["nc"], names=names)
+        model.load_state_dict(state)
+        return model.float(), {**manifest["train_args"], "imgsz": manifest.get("imgsz")}
+    if path.suffix != ".pt":
+        raise _config_error(f"checkpoint={source}: expected a checkpoint folder or a consolidated .pt")
+    model = load_local_pt(str(path))
+    ckpt_args = getattr(model, "args", None)
+    trained = dict(ckpt_args) if isinstance(ckpt_args, dict) else dict(vars(ckpt_args)) if ckpt_args else {}
+    return model, trained
+
+
+def build_model_from_yaml(model_yaml: dict, *, nc: int, names: dict[int, str]) -> nn.Module:
+    from ultralytics.nn.tasks import DetectionModel
+
+    model = DetectionModel(model_yaml, nc=nc, verbose=False)
+    model.nc, model.names = nc, names
+    return model
+
+
+def _eval_hyp(cfg, trained: dict[str, Any]) -> Any:
+    from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
+
+    keep = {k: v for k, v in trained.items() if k in DEFAULT_CFG_DICT}
+    keep.update(task="detect", mode="val", plots=False, split=cfg.split, conf=cfg.conf, iou=cfg.iou,
+                batch=cfg.batch, device=None, save_json=False)
+    return get_cfg(overrides=keep)
+
+
+def _config_error(message: str) -> Exception:
+    from .config import ConfigError
+
+    return ConfigError(message)

@@ -1,0 +1,122 @@
+"""The Ultralytics adapter: model, loss and optimizer come from Ultralytics; this file only wires them up.
+
+Models are built from a yaml (never downloaded) or loaded from a local .pt; the param groups and the
+`optimizer=auto` rule are Ultralytics' own `BaseTrainer.build_optimizer`, called on a small stand-in object.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+
+__all__ = ["hyp_namespace", "check_model_spec", "load_local_pt", "build_model", "build_criterion", "optimizer_factory",
+           "nominal_accumulate"]
+
+
+def hyp_namespace(cfg: TrainConfig) -> Any:
+    """Ultralytics' full default config overridden by ours: what its dataset, loss and validator read."""
+    from ultralytics.cfg import get_cfg
+
+    ours = {k: v for k, v in cfg.to_dict().items() if k in _ultralytics_defaults()}
+    ours.update(model=cfg.model, data=cfg.data, task="detect", mode="train", plots=cfg.plots, device=None)
+    return get_cfg(overrides=ours)
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a model that cannot be found locally, before any process group exists."""
+    if spec.endswith(".pt"):
+        if not Path(spec).is_file():
+            raise ConfigError(f"model={spec}: file not found; weights load from a local path only (nothing is "
+                              "downloaded): give the path to a .pt, or a model yaml such as yolov8n.yaml")
+    else:
+        _model_yaml(spec)
+
+
+def build_model(spec: str, *, nc: int, names: dict[int, str], hyp: Any, verbose: bool = False) -> nn.Module:
+    """A DetectionModel from an Ultralytics model yaml or a local .pt (weights transferred where shapes match)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    weights = None
+    if spec.endswith(".pt"):
+        weights = load_local_pt(spec)
+        source = weights.yaml
+    else:
+        source = _model_yaml(spec)
+    try:
+        model = DetectionModel(source, nc=nc, verbose=verbose)
+    except Exception as e:  # Ultralytics raises assorted errors for a yaml it cannot build
+        raise ConfigError(f"model={spec}: Ultralytics could not build it ({type(e).__name__}: {e}); "
+                          "pass a detection model yaml such as yolov8n.yaml") from None
+    if not hasattr(model, "init_criterion") or type(model).__name__ != "DetectionModel":
+        raise ConfigError(f"model={spec}: not a detection model; pass a detect yaml such as yolov8n.yaml")
+    if weights is not None:
+        model.load(weights, verbose=verbose)
+    model.nc, model.names, model.args = nc, names, hyp
+    return model
+
+
+def build_criterion(model: nn.Module) -> Any:
+    """Ultralytics' own loss for this model (v8DetectionLoss, or E2ELoss for end-to-end heads)."""
+    return model.init_criterion()
+
+
+def nominal_accumulate(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, float]:
+    """(iterations per optimizer step, scaled weight decay) exactly as Ultralytics derives them from nbs."""
+    nbs = cfg.hyp_value["nbs"]
+    accumulate = max(round(nbs / cfg.batch), 1)
+    weight_decay = cfg.weight_decay * cfg.batch * accumulate / nbs
+    return min(accumulate, batches_per_epoch * cfg.epochs), weight_decay
+
+
+def optimizer_factory(cfg: TrainConfig, hyp: Any, *, nc: int, dataset_size: int, weight_decay: float):
+    """A callable model -> optimizer that runs Ultralytics' build_optimizer (three param groups, auto rule)."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    iterations = math.ceil(dataset_size / max(cfg.batch, hyp.nbs)) * cfg.epochs
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        stand_in = SimpleNamespace(args=hyp, data={"nc": nc})
+        return BaseTrainer.build_optimizer(stand_in, model=model, name=cfg.optimizer, lr=cfg.lr0,
+                                           momentum=cfg.momentum, decay=weight_decay, iterations=iterations)
+
+    return make
+
+
+def _ultralytics_defaults() -> dict[str, Any]:
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    return DEFAULT_CFG_DICT
+
+
+def _model_yaml(spec: str) -> str:
+    """A local yaml path, or the name of a yaml Ultralytics ships (scale letters resolved by Ultralytics)."""
+    from ultralytics.nn.tasks import yaml_model_load
+
+    if not spec.endswith((".yaml", ".yml")):
+        raise ConfigError(f"model={spec}: expected a model .yaml or a local .pt, e.g. model=yolov8n.yaml")
+    try:
+        yaml_model_load(spec)
+    except FileNotFoundError:
+        raise ConfigError(f"model={spec}: no such model yaml, locally or among Ultralytics' "
+                          "(e.g. yolov8n.yaml, yolo11s.yaml, yolov8x-p6.yaml)") from None
+    return spec
+
+
+def load_local_pt(spec: str) -> nn.Module:
+    check_model_spec(spec)
+    path = Path(spec)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"model={spec}: cannot read it as a PyTorch checkpoint ({type(e).__name__})") from None
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else ckpt
+    if not isinstance(model, nn.Module) or not hasattr(model, "yaml"):
+        raise ConfigError(f"model={spec}: not an Ultralytics checkpoint (no 'model' with a yaml inside)")
+    return model.float()

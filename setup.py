@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="parallel_yolo",
+    version="0.1.0",
+    description="Train Ultralytics YOLO detectors with DDP, DeepSpeed ZeRO and FSDP2 behind one strategy layer",
+    python_requires=">=3.10",
+    packages=find_packages(include=["parallel_yolo", "parallel_yolo.*"]) + ["parallel_yolo.presets"],
+    # The strategy presets live in the top-level strategies/ folder (what a user edits) and ship as package
+    # data, so `strategy=zero3` resolves after a plain `pip install` too.
+    package_dir={"parallel_yolo.presets": "strategies"},
+    package_data={"parallel_yolo.presets": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        "deepspeed>=0.16",
+        "accelerate>=1.0",
+        "ultralytics>=8.4.190,<8.5",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:main"]},
+)
