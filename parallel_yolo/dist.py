@@ -17,6 +17,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 __all__ = ["DistEnv", "read_env", "init_process_group", "destroy", "launch_local", "cpu_threads_per_process"]
 
 
@@ -57,12 +59,15 @@ def pick_device(env: DistEnv, requested: str | None) -> torch.device:
     if requested != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", env.local_rank % torch.cuda.device_count())
     if requested not in (None, "cpu"):
-        raise RuntimeError(f"device={requested}: no CUDA device is visible; use device=cpu or leave device out")
+        raise ConfigError(f"device={requested}: no CUDA device is visible; use device=cpu or leave device out")
     return torch.device("cpu")
 
 
 def cpu_threads_per_process(env: DistEnv) -> int:
-    """Share the cores among the local processes: N processes with all cores each thrash a small machine."""
+    """Share the cores among the local processes: N processes with all cores each thrash a small machine.
+    An explicit OMP_NUM_THREADS wins (torchrun sets it to 1 for multi-process runs)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(env.local_world_size, 1))
 

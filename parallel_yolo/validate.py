@@ -86,9 +86,11 @@ def run_val(cfg) -> dict[str, float] | None:
         hyp = _eval_hyp(cfg, trained)
         stride = max(int(model.stride.max()), 32)
         hyp.imgsz = check_imgsz(cfg.imgsz or trained.get("imgsz") or 640, stride=stride, max_dim=1)
-        dataset = build_yolo_dataset(hyp, data[cfg.split], cfg.batch, data, mode="val", rect=True, stride=stride)
-        loader = val_loader(dataset, batch=max(cfg.batch // env.world_size, 1), workers=cfg.workers,
-                            distributed=env.launched)
+        # `batch` is global, as in train; Ultralytics' per-pass loss normalisation makes the val losses depend on
+        # the images per pass, so use batch=2*train batch to reproduce what training reported.
+        per_rank = max(cfg.batch // env.world_size, 1)
+        dataset = build_yolo_dataset(hyp, data[cfg.split], per_rank, data, mode="val", rect=True, stride=stride)
+        loader = val_loader(dataset, batch=per_rank, workers=cfg.workers, distributed=env.launched)
         folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None
         if env.launched:
             box = [folder]
@@ -100,7 +102,6 @@ def run_val(cfg) -> dict[str, float] | None:
                               world_size=env.world_size)
         metrics = evaluator(model.to(device).eval(), ("box_loss", "cls_loss", "dfl_loss"))
         if env.is_main:
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
             (Path(folder) / "val.json").write_text(json.dumps(metrics, indent=2))
             print(json.dumps(metrics, indent=2), flush=True)
             print(f"results written to {Path(folder) / 'val.json'}", flush=True)

@@ -25,7 +25,7 @@ class DDPStrategy(Strategy):
         self.model = DistributedDataParallel(
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.options.get("find_unused_parameters", True),
+            find_unused_parameters=self.options.get("find_unused_parameters", False),
             **{_NO_FORWARD_BUFFER_SYNC: False},
             bucket_cap_mb=self.options.get("bucket_cap_mb", 25),
             gradient_as_bucket_view=self.options.get("gradient_as_bucket_view", True),

@@ -1,0 +1,56 @@
+"""Shared helpers: run the real CLI in fresh processes, on the demo dataset, in a throw-away folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Augmentations off: with them, every process draws its own random crops, so runs could not be compared.
+NO_AUGMENT = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "translate=0", "scale=0"]
+TINY = ["model=yolov8n.yaml", "data=demo", "imgsz=64", "epochs=1", "workers=0", "seed=0"]
+
+
+def pytest_configure(config):
+    # One demo dataset for the whole session, shared by every subprocess; runs never touch the user's cache.
+    cache = Path(os.environ.get("PARALLEL_YOLO_TEST_CACHE", ROOT / ".pytest_cache" / "parallel_yolo"))
+    os.environ["PARALLEL_YOLO_CACHE"] = str(cache)
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None, module: bool = True
+            ) -> subprocess.CompletedProcess:
+    """`python -m parallel_yolo ARGS` in `cwd`; output captured as text."""
+    command = [sys.executable, "-m", "parallel_yolo", *args] if module else list(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def load_weights(folder: Path, stem: str = "model") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / f"{stem}.safetensors"))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

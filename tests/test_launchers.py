@@ -1,0 +1,54 @@
+"""Every way of starting a run trains the same way: accelerate, torchrun, nproc=N self-launch, one process."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY, check, read_csv, run_cli
+
+SHORT = [*TINY, "batch=8", "max_steps=2", "val=false", "project=runs", "name=run"]
+
+
+def _finished(workdir, world_size: int, strategy: str) -> None:
+    run = workdir / "runs" / "run"
+    args = yaml.safe_load((run / "args.yaml").read_text())
+    assert (args["world_size"], args["strategy"]) == (world_size, strategy)
+    assert [int(r["step"]) for r in read_csv(run / "steps.csv")] == [1, 2]
+    assert (run / "weights" / "last" / "manifest.json").is_file()
+    assert read_csv(run / "results.csv")[-1]["metrics/mAP50(B)"] != ""
+
+
+@pytest.mark.slow
+def test_accelerate_cpu_config_launches_two_processes(workdir):
+    config = ROOT / "configs" / "accelerate" / "cpu_ddp_2proc.yaml"
+    check(run_cli(sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                  "-m", "parallel_yolo", "train", *SHORT, cwd=workdir, module=False))
+    _finished(workdir, 2, "ddp")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(workdir):
+    check(run_cli(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "-m", "parallel_yolo", "train", *SHORT, cwd=workdir, module=False))
+    _finished(workdir, 2, "ddp")
+
+
+@pytest.mark.slow
+def test_nproc_self_launch(workdir):
+    check(run_cli("train", *SHORT, "nproc=2", cwd=workdir))
+    _finished(workdir, 2, "ddp")
+
+
+def test_one_process_without_launcher(workdir):
+    check(run_cli("train", *SHORT, cwd=workdir))
+    _finished(workdir, 1, "single")
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_local_rank_argument_is_accepted(workdir):
+    """The deepspeed launcher appends --local_rank=N; it must not be taken for a key."""
+    check(run_cli("train", *SHORT, "--local_rank=0", cwd=workdir))
+    _finished(workdir, 1, "single")
