@@ -153,6 +153,8 @@ class Trainer:
                            **dict(zip(self.loss_names, losses))})
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
                 self._save(self.log.folder / "checkpoints" / f"step_{self.step}", epoch, None)
+                if strategy.is_main:
+                    checkpoint.rotate(self.log.folder / "checkpoints", keep=self.cfg.keep_last)
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                 return dict(zip(self.loss_names, (sums / seen).tolist())), True, last_opt
         return dict(zip(self.loss_names, (sums / max(seen, 1)).tolist())), False, last_opt

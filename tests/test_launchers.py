@@ -52,3 +52,10 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(workdir):
     """The deepspeed launcher appends --local_rank=N; it must not be taken for a key."""
     check(run_cli("train", *SHORT, "--local_rank=0", cwd=workdir))
     _finished(workdir, 1, "single")
+
+
+def test_periodic_checkpoints_rotate(workdir):
+    check(run_cli("train", *SHORT[:-3], "max_steps=5", "batch=8", "nbs=8", "ckpt_every=1", "keep_last=2", "val=false",
+                  "project=runs", "name=run", cwd=workdir))
+    kept = sorted(p.name for p in (workdir / "runs" / "run" / "checkpoints").iterdir())
+    assert kept == ["step_4", "step_5"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save", "load_manifest", "load_tensors"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "save", "rotate", "load_manifest", "load_tensors"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -53,6 +53,13 @@ def save(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def rotate(parent: Path, *, keep: int) -> None:
+    """Delete all but the newest `keep` step_N checkpoints under `parent`."""
+    steps = sorted((p for p in Path(parent).glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
