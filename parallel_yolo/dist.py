@@ -87,7 +87,10 @@ def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float =
 
 
 def destroy() -> None:
+    import gc
+
     if dist.is_initialized():
+        gc.collect()  # drop wrapped models and pending work that reference the group before it goes
         dist.destroy_process_group()
 
 

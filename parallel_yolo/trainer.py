@@ -46,7 +46,13 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
     try:
         strategy = create(name, env=env, device=device, precision=policy(precision),
                           options={**preset(name), "sync_bn": cfg.sync_bn})
-        return Trainer(cfg, strategy).fit()
+        trainer = Trainer(cfg, strategy)
+        metrics = trainer.fit()
+        # Free the wrapped model (its reducer holds the process group) while every rank is still connected;
+        # tearing down gloo with live communication objects aborts a process now and then.
+        strategy.barrier()
+        del trainer, strategy
+        return metrics
     finally:
         dist.destroy()
 

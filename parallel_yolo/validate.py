@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Evaluator"]
+from .config import ConfigError
+
+__all__ = ["Evaluator", "run_val", "load_for_eval"]
 
 
 class _TrainerView:
@@ -76,7 +78,7 @@ def run_val(cfg) -> dict[str, float] | None:
     model, trained = load_for_eval(cfg.checkpoint)
     data = resolve_dataset(cfg.data or trained.get("data") or "demo")
     if data["nc"] != model.nc:
-        raise _config_error(f"data={cfg.data}: {data['nc']} classes but the checkpoint was trained on {model.nc}; "
+        raise ConfigError(f"data={cfg.data}: {data['nc']} classes but the checkpoint was trained on {model.nc}; "
                             "pass the data yaml it was trained on")
     dist.init_process_group(env, device)
     try:
@@ -121,13 +123,13 @@ def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
             manifest = checkpoint.load_manifest(path)
             state = checkpoint.load_tensors(path, "ema")
         except checkpoint.CheckpointError as e:
-            raise _config_error(f"checkpoint={source}: {e}") from None
+            raise ConfigError(f"checkpoint={source}: {e}") from None
         names = {int(k): v for k, v in manifest["names"].items()}
         model = build_model_from_yaml(manifest["model_yaml"], nc=manifest["nc"], names=names)
         model.load_state_dict(state)
         return model.float(), {**manifest["train_args"], "imgsz": manifest.get("imgsz")}
     if path.suffix != ".pt":
-        raise _config_error(f"checkpoint={source}: expected a checkpoint folder or a consolidated .pt")
+        raise ConfigError(f"checkpoint={source}: expected a checkpoint folder or a consolidated .pt")
     model = load_local_pt(str(path))
     ckpt_args = getattr(model, "args", None)
     trained = dict(ckpt_args) if isinstance(ckpt_args, dict) else dict(vars(ckpt_args)) if ckpt_args else {}
@@ -149,9 +151,3 @@ def _eval_hyp(cfg, trained: dict[str, Any]) -> Any:
     keep.update(task="detect", mode="val", plots=False, split=cfg.split, conf=cfg.conf, iou=cfg.iou,
                 batch=cfg.batch, device=None, save_json=False)
     return get_cfg(overrides=keep)
-
-
-def _config_error(message: str) -> Exception:
-    from .config import ConfigError
-
-    return ConfigError(message)

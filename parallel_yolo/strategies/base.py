@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -138,9 +138,6 @@ class Strategy:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on CPU (collective under sharded strategies)."""
         return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
-
-    def named_parameters_full(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.full_state_dict().items()
 
 
 class ReplicatedEMA:
