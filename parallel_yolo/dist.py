@@ -7,6 +7,7 @@ precision its config asked for (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED, A
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -19,7 +20,8 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["DistEnv", "read_env", "init_process_group", "destroy", "launch_local", "cpu_threads_per_process"]
+__all__ = ["DistEnv", "read_env", "process_group", "init_process_group", "destroy", "launch_local",
+           "cpu_threads_per_process"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,6 +86,20 @@ def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float =
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800.0):
+    """The group for the body's duration. On success every rank meets in a barrier before the teardown: a rank
+    that destroys gloo while a peer's last collective (say a gather it only sent to) is still in flight aborts
+    ("terminate called without an active exception"). After an error there is no barrier, which could hang."""
+    init_process_group(env, device, timeout_s=timeout_s)
+    try:
+        yield
+        if dist.is_initialized():
+            dist.barrier()
+    finally:
+        destroy()
 
 
 def destroy() -> None:

@@ -42,19 +42,12 @@ def train(cfg: TrainConfig) -> dict[str, Any] | None:
     env = dist.read_env()
     name, precision = preflight(cfg, world_size=env.world_size)
     device = dist.pick_device(env, cfg.device)
-    dist.init_process_group(env, device)
-    try:
+    with dist.process_group(env, device):
         strategy = create(name, env=env, device=device, precision=policy(precision),
                           options={**preset(name), "sync_bn": cfg.sync_bn})
-        trainer = Trainer(cfg, strategy)
-        metrics = trainer.fit()
-        # Free the wrapped model (its reducer holds the process group) while every rank is still connected;
-        # tearing down gloo with live communication objects aborts a process now and then.
-        strategy.barrier()
-        del trainer, strategy
-        return metrics
-    finally:
-        dist.destroy()
+        metrics = Trainer(cfg, strategy).fit()
+        del strategy  # the wrapped model holds the group: free it while every rank is still connected
+    return metrics
 
 
 class Trainer:

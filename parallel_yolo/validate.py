@@ -80,8 +80,7 @@ def run_val(cfg) -> dict[str, float] | None:
     if data["nc"] != model.nc:
         raise ConfigError(f"data={cfg.data}: {data['nc']} classes but the checkpoint was trained on {model.nc}; "
                             "pass the data yaml it was trained on")
-    dist.init_process_group(env, device)
-    try:
+    with dist.process_group(env, device):
         from ultralytics.data.build import build_yolo_dataset
         from ultralytics.utils.checks import check_imgsz
 
@@ -107,9 +106,7 @@ def run_val(cfg) -> dict[str, float] | None:
             (Path(folder) / "val.json").write_text(json.dumps(metrics, indent=2))
             print(json.dumps(metrics, indent=2), flush=True)
             print(f"results written to {Path(folder) / 'val.json'}", flush=True)
-        return metrics
-    finally:
-        dist.destroy()
+    return metrics
 
 
 def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
