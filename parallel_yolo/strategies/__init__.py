@@ -1,6 +1,6 @@
 """Parallelism strategies behind one contract; importing this package registers every strategy."""
 
-from . import ddp, single  # noqa: F401  (registration side effect)
+from . import ddp, deepspeed, fsdp, single  # noqa: F401  (registration side effect)
 from .base import Strategy
 from .registry import REGISTRY, preset, select
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +27,8 @@ MAX_GRAD_NORM = 10.0  # Ultralytics' optimizer_step clips at 10.0
 class Strategy:
     name: ClassVar[str]
     """Registry key: what `strategy=` and the preset file are called."""
+    supports_loss_scaling: ClassVar[bool] = True
+    """Whether precision=fp16-mixed (dynamic loss scaling) is possible."""
 
     def __init__(self, *, env: DistEnv, device: torch.device, precision: PrecisionPolicy, options: dict[str, Any]):
         self.env = env
@@ -125,12 +127,16 @@ class Strategy:
     # ---- buffers, EMA and state ----------------------------------------------------------------------------------
     def sync_buffers(self, module: nn.Module | None = None) -> None:
         """Average floating-point buffers (BatchNorm running stats) over ranks so every rank holds the same values."""
+        self.average_over_ranks((module or self.raw_model).buffers())
+
+    def average_over_ranks(self, tensors: Iterable[torch.Tensor]) -> None:
+        """In-place mean over ranks of the floating-point tensors given (replicated tensors only)."""
         if not (self.distributed and self.world_size > 1):
             return
-        for buffer in (module or self.raw_model).buffers():
-            if buffer.dtype.is_floating_point:
-                dist.all_reduce(buffer)
-                buffer /= self.world_size
+        for tensor in tensors:
+            if tensor.dtype.is_floating_point:
+                dist.all_reduce(tensor)
+                tensor /= self.world_size
 
     def make_ema(self) -> ReplicatedEMA:
         return ReplicatedEMA(self)

@@ -41,6 +41,9 @@ def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tu
     precision = cfg.precision or launched_precision or "fp32"
     if name not in REGISTRY:
         raise ConfigError(f"strategy={name} is not available in this version; use one of {', '.join(REGISTRY)}")
+    if precision == "fp16-mixed" and not REGISTRY[name].supports_loss_scaling:
+        raise ConfigError(f"precision=fp16-mixed is not available with strategy={name} (its fp16 mode would cast "
+                          "BatchNorm to fp16); use precision=bf16-mixed, or strategy=ddp or fsdp for fp16")
     if name == "single" and world_size > 1:
         raise ConfigError(f"strategy=single cannot run on {world_size} processes; use strategy=ddp or one process")
     if cfg.sync_bn and world_size > 1 and not cuda:

@@ -1,0 +1,48 @@
+"""EMA of a sharded model without gathering it: every rank averages only the tensors it holds.
+
+Ultralytics' ModelEMA deep-copies the whole model and reads the full state dict at every update; under ZeRO-3 or
+FSDP that would gather every parameter every step. Here each rank keeps the EMA of its own shards (plus the
+small, replicated BatchNorm buffers) and the update is Ultralytics' own arithmetic (`_foreach_lerp_` with its
+decay ramp); the full EMA model is assembled only when validation or a checkpoint asks for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ShardedEMA"]
+
+
+class ShardedEMA:
+    def __init__(self, strategy, *, decay: float = 0.9999, tau: float = 2000):
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        self.strategy = strategy
+        self.decay = ModelEMA(nn.Module(), decay=decay, tau=tau).decay  # Ultralytics' ramp, not a copy of it
+        self.updates = 0
+        local = strategy.local_state()
+        self.shadow = {k: v.detach().clone() for k, v in local.items()}
+        self._float = [k for k, v in self.shadow.items() if v.dtype.is_floating_point]
+
+    def update(self) -> None:
+        self.updates += 1
+        local = self.strategy.local_state()
+        torch._foreach_lerp_([self.shadow[k] for k in self._float], [local[k].detach() for k in self._float],
+                             1 - self.decay(self.updates))
+
+    def update_attr(self) -> None:
+        """Nothing to copy: full_model() rebuilds the module from the live model's attributes."""
+
+    def full_model(self) -> nn.Module:
+        """A full, unsharded copy of the EMA model (collective: every rank must call it)."""
+        from ultralytics.nn.tasks import DetectionModel
+
+        buffers = {name for name, _ in self.strategy.raw_model.named_buffers()}
+        self.strategy.average_over_ranks(v for k, v in self.shadow.items() if k in buffers)
+        state = self.strategy.assemble(self.shadow)
+        raw = self.strategy.raw_model
+        model = DetectionModel(raw.yaml, nc=raw.nc, verbose=False).to(self.strategy.device)
+        model.load_state_dict(state)
+        model.nc, model.names, model.args = raw.nc, raw.names, raw.args
+        return model.eval()

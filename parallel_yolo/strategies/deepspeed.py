@@ -1,0 +1,147 @@
+"""DeepSpeed ZeRO: stage 1 shards optimizer state, stage 2 also gradients, stage 3 also parameters;
+`zero3_offload` keeps parameters and optimizer state in CPU memory.
+
+`deepspeed.initialize` receives our model and our optimizer (Ultralytics' three param groups), so the recipe
+is unchanged. Precision: DeepSpeed's bf16/fp16 modes cast the whole module, BatchNorm included, so they are not
+used; bf16-mixed runs under autocast with fp32 weights (BatchNorm stays fp32 on its own) and fp16-mixed is
+refused up front because its loss scaling would need DeepSpeed's fp16 mode.
+Gradient accumulation follows our schedule (which ramps during warm-up): every micro-step calls
+backward and step with the accumulation boundary set explicitly, so DeepSpeed's own counter never decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..ema import ShardedEMA
+from .base import MAX_GRAD_NORM, Strategy
+from .registry import register
+
+__all__ = ["Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy", "import_deepspeed"]
+
+
+def import_deepspeed():
+    """DeepSpeed picks its accelerator at import: on a machine without CUDA it must be told to use the CPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+class ZeroStrategy(Strategy):
+    stage: int
+    supports_loss_scaling = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._boundary = True
+
+    def setup(self, model, *, make_optimizer):
+        deepspeed = import_deepspeed()
+        model = model.to(self.device)
+        self._raw = model
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model),
+                                                       config=self.ds_config(), dist_init_required=False)
+        self.model, self.optimizer = engine, optimizer
+        return engine, optimizer
+
+    def ds_config(self) -> dict:
+        """The preset's zero_optimization knobs under the settings our loop owns (clip, accumulation)."""
+        zero = {k: v for k, v in self.options.get("zero_optimization", {}).items()}
+        return {
+            "train_micro_batch_size_per_gpu": 1,  # unused: our loader batches; DeepSpeed only checks consistency
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": MAX_GRAD_NORM,
+            "zero_optimization": {**zero, "stage": self.stage},
+            "zero_allow_untested_optimizer": True,  # Ultralytics' SGD / AdamW / MuSGD param groups
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 2**31 - 1,
+        }
+
+    def no_sync(self):
+        strategy = self
+
+        class _Accumulate:
+            def __enter__(self):
+                strategy._boundary = False
+
+            def __exit__(self, *exc):
+                strategy._boundary = True
+
+        return _Accumulate()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.set_gradient_accumulation_boundary(self._boundary)
+        self.model.backward(loss)
+        if not self._boundary:
+            self.model.step()  # a micro-step: DeepSpeed accumulates and takes no optimizer step
+
+    def step(self) -> tuple[float, bool]:
+        self.model.set_gradient_accumulation_boundary(True)
+        self.model.step()  # clips to the global norm over all partitions, steps, zeroes gradients
+        norm = self.model.get_global_grad_norm()
+        norm = float(norm) if norm is not None else math.nan
+        finite = math.isfinite(norm)
+        self.skipped_steps += not finite
+        return norm, finite
+
+
+@register
+class Zero1Strategy(ZeroStrategy):
+    name, stage = "zero1", 1
+
+
+@register
+class Zero2Strategy(ZeroStrategy):
+    name, stage = "zero2", 2
+
+
+@register
+class Zero3Strategy(ZeroStrategy):
+    """Parameters are partitioned: each holds a flat slice `ds_tensor`; full tensors exist only in forward."""
+
+    name, stage = "zero3", 3
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        params = {name: p.ds_tensor for name, p in self._raw.named_parameters()}
+        return {**params, **{name: b for name, b in self._raw.named_buffers()}}
+
+    def assemble(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full tensors from every rank's equal, padded slice (collective)."""
+        out = {}
+        for name, p in self._raw.named_parameters():
+            pieces = [torch.empty_like(local[name]) for _ in range(self.world_size)]
+            dist.all_gather(pieces, local[name].contiguous())
+            out[name] = torch.cat(pieces)[:p.ds_numel].view(p.ds_shape).detach().cpu().clone()
+        for name, b in self._raw.named_buffers():
+            out[name] = local[name].detach().cpu().clone()
+        state_keys = self._raw.state_dict().keys()
+        return {k: out[k] for k in state_keys if k in out}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.assemble(self.local_state())
+
+    def clip_grad_norm(self, max_norm: float) -> float:  # DeepSpeed clips inside engine.step()
+        raise NotImplementedError
+
+    def make_ema(self) -> ShardedEMA:
+        return ShardedEMA(self)
+
+
+@register
+class Zero3OffloadStrategy(Zero3Strategy):
+    name = "zero3_offload"
+
+    def ds_config(self) -> dict:
+        config = super().ds_config()
+        config["zero_optimization"].setdefault("offload_optimizer", {"device": "cpu"})
+        config["zero_optimization"].setdefault("offload_param", {"device": "cpu"})
+        return config
