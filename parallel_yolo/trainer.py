@@ -142,8 +142,10 @@ class Trainer:
                 bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(self.loss_names, (sums / seen).tolist())})
             if not stepping:
                 continue
-            norm, _ = strategy.step()
-            self.ema.update()
+            norm, stepped = strategy.step()
+            if not stepped:
+                self._say(f"step {self.step + 1}: non-finite gradient norm ({norm}); optimizer step skipped")
+            self.ema.update()  # as Ultralytics: the EMA follows even a skipped step
             self.step, iterations, last_opt = self.step + 1, ni - last_opt, ni
             losses = strategy.all_reduce(window / iterations, mean=True).tolist()
             elapsed, tick, window = time.time() - tick, time.time(), torch.zeros_like(window)

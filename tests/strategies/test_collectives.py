@@ -1,0 +1,82 @@
+"""Per-rank state after real steps, for every distributed strategy on 2 gloo processes: BatchNorm buffers equal
+on every rank after sync_buffers, the full state dict and the assembled EMA identical on every rank, and
+Ultralytics' three param groups (with their own lr and weight decay) still in the optimizer."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from parallel_yolo.strategies import REGISTRY
+
+DISTRIBUTED = sorted(name for name in REGISTRY if name != "single")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from parallel_yolo import dist as pdist, yolo
+    from parallel_yolo.config import TrainConfig
+    from parallel_yolo.precision import policy
+    from parallel_yolo.strategies import create, preset
+
+    torch.manual_seed(0)
+    env = pdist.read_env()
+    device = torch.device("cpu")
+    with pdist.process_group(env, device):
+        cfg = TrainConfig(optimizer="SGD", lr0=0.01, batch=4)
+        hyp = yolo.hyp_namespace(cfg)
+        model = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+        criterion = yolo.build_criterion(model)
+        strategy = create(name, env=env, device=device, precision=policy("fp32"), options=preset(name))
+        wrapped, _ = strategy.setup(model, make_optimizer=yolo.optimizer_factory(
+            cfg, hyp, nc=3, dataset_size=8, weight_decay=0.0005))
+        ema = strategy.make_ema()
+        for group, lr in zip(strategy.param_groups(), (0.01, 0.02, 0.03)):
+            group["lr"] = lr
+        torch.manual_seed(1 + rank)  # different images per rank: BatchNorm statistics differ per rank
+        for _ in range(2):
+            batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+                     "cls": torch.tensor([[0.0], [2.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]] * 2)}
+            loss, _ = criterion(wrapped(batch["img"]), batch)
+            strategy.backward(loss.sum() * world)
+            strategy.step()
+            ema.update()
+        buffers = [b.clone() for b in strategy.raw_model.buffers() if b.is_floating_point()]
+        strategy.sync_buffers()
+        synced = [b.clone() for b in strategy.raw_model.buffers() if b.is_floating_point()]
+        full = strategy.full_state_dict()
+        ema_state = ema.full_model().state_dict()
+        groups = [(g.get("param_group"), g["lr"], g["weight_decay"]) for g in strategy.param_groups()]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (buffers, synced, full, ema_state, groups))
+        if rank == 0:
+            torch.save(gathered, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", DISTRIBUTED)
+def test_state_is_identical_on_every_rank(name, tmp_path):
+    out = str(tmp_path / "state.pt")
+    mp.spawn(_worker, args=(2, _port(), name, out), nprocs=2, join=True)
+    (buf0, sync0, full0, ema0, groups0), (buf1, sync1, full1, ema1, groups1) = torch.load(out, weights_only=False)
+    assert any(not torch.equal(a, b) for a, b in zip(buf0, buf1)), "ranks saw different images"
+    assert all(torch.allclose(a, b, rtol=0, atol=0) for a, b in zip(sync0, sync1))
+    assert all(torch.allclose((a + b) / 2, s, rtol=1e-6, atol=1e-7) for a, b, s in zip(buf0, buf1, sync0))
+    assert full0.keys() == ema0.keys() and len(full0) > 300
+    for key in full0:
+        assert torch.equal(full0[key], full1[key]), key
+        assert torch.equal(ema0[key].cpu(), ema1[key].cpu()), key
+    assert groups0 == groups1 == [("weight", 0.01, 0.0005), ("bn", 0.02, 0.0), ("bias", 0.03, 0.0)]

@@ -1,0 +1,51 @@
+"""Strategy selection from the key, accelerate's exported config and the world size; presets; conflicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from parallel_yolo.config import ConfigError, TrainConfig
+from parallel_yolo.dist import read_env
+from parallel_yolo.strategies import REGISTRY, preset, select
+
+LAUNCHED = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+
+
+def _select(env: dict, **keys):
+    return select(TrainConfig(**keys), read_env({**LAUNCHED, **env}), world_size=2, cuda=False)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, ("ddp", "fp32")),
+    ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ("ddp", "bf16-mixed")),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, ("zero1", "fp32")),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"}, ("zero3_offload", "fp32")),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "true"}, ("fsdp", "fp32")),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_RESHARD_AFTER_FORWARD": "false"}, ("fsdp_grad_op", "fp32")),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "HYBRID_SHARD"}, ("hsdp", "fp32")),
+])
+def test_accelerate_environment_picks_strategy_and_precision(env, expected):
+    assert _select(env) == expected
+
+
+def test_key_conflicting_with_accelerate_config_names_the_fix():
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    assert _select(env, strategy="zero2") == ("zero2", "fp32")
+    with pytest.raises(ConfigError, match="strategy=fsdp conflicts .* asks for zero2"):
+        _select(env, strategy="fsdp")
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        _select({"ACCELERATE_MIXED_PRECISION": "fp16"}, precision="bf16-mixed")
+
+
+def test_fp16_refused_where_loss_scaling_is_impossible():
+    with pytest.raises(ConfigError, match="fp16-mixed is not available with strategy=zero3"):
+        _select({}, strategy="zero3", precision="fp16-mixed")
+    assert _select({}, strategy="fsdp", precision="fp16-mixed") == ("fsdp", "fp16-mixed")
+
+
+def test_every_strategy_has_a_preset_file():
+    expected = {"single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp"}
+    assert set(REGISTRY) == expected
+    assert preset("zero3")["zero_optimization"]["stage3_param_persistence_threshold"] > 0
+    assert preset("fsdp_grad_op")["reshard_after_forward"] is False
