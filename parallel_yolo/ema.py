@@ -31,6 +31,9 @@ class ShardedEMA:
         torch._foreach_lerp_([self.shadow[k] for k in self._float], [local[k].detach() for k in self._float],
                              1 - self.decay(self.updates))
 
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.shadow.values())
+
     def update_attr(self) -> None:
         """Nothing to copy: full_model() rebuilds the module from the live model's attributes."""
 

@@ -123,8 +123,19 @@ class Trainer:
             self._end_epoch(epoch, epoch_loss, metrics, time.time() - start)
             if final:
                 break
+        self._write_memory()
         self._say(f"done in {time.time() - start:.1f}s: " + _summary(metrics))
         return metrics
+
+    def _write_memory(self) -> None:
+        """memory.json: what every rank holds, by category, and its peak memory."""
+        import json
+
+        reports = self.strategy.gather_object(self.strategy.memory_report(self.ema))
+        if self.strategy.is_main:
+            (self.log.folder / "memory.json").write_text(json.dumps(
+                {"strategy": self.strategy.name, "world_size": self.strategy.world_size,
+                 "ranks": reports}, indent=2))
 
     def _train_epoch(self, epoch: int, last_opt: int) -> tuple[dict[str, float], bool, int]:
         from ultralytics.utils import TQDM

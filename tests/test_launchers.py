@@ -54,22 +54,15 @@ def test_torchrun_two_processes(workdir):
     _finished(workdir, 2, "ddp")
 
 
-@pytest.mark.slow
-def test_nproc_self_launch(workdir):
-    check(run_cli("train", *SHORT, "nproc=2", cwd=workdir))
-    _finished(workdir, 2, "ddp")
+# nproc=N self-launch; one process without a launcher; the deepspeed launcher's appended --local_rank=N
+DIRECT = {"nproc=2": (["nproc=2"], 2, "ddp"), "one process": ([], 1, "single"),
+          "--local_rank": (["--local_rank=0"], 1, "single")}
 
 
-def test_one_process_without_launcher(workdir):
-    check(run_cli("train", *SHORT, cwd=workdir))
-    _finished(workdir, 1, "single")
-
-
-@pytest.mark.slow
-def test_deepspeed_launcher_local_rank_argument_is_accepted(workdir):
-    """The deepspeed launcher appends --local_rank=N; it must not be taken for a key."""
-    check(run_cli("train", *SHORT, "--local_rank=0", cwd=workdir))
-    _finished(workdir, 1, "single")
+@pytest.mark.parametrize("extra,world,strategy", DIRECT.values(), ids=DIRECT)
+def test_direct_launch(extra, world, strategy, workdir):
+    check(run_cli("train", *SHORT, *extra, cwd=workdir))
+    _finished(workdir, world, strategy)
 
 
 def test_periodic_checkpoints_rotate(workdir):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import memory
 from ..dist import DistEnv
 from ..precision import PrecisionPolicy
 
@@ -39,6 +40,7 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
         self.skipped_steps = 0
+        self.baseline_rss = memory.current_rss()  # before the model exists: what memory_report() subtracts
 
     # ---- identity and collectives -------------------------------------------------------------------------------
     @property
@@ -68,6 +70,14 @@ class Strategy:
             if mean:
                 tensor /= self.world_size
         return tensor
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's value of a picklable object, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""
@@ -138,6 +148,23 @@ class Strategy:
                 dist.all_reduce(tensor)
                 tensor /= self.world_size
 
+    def memory_report(self, ema: Any) -> dict[str, int]:
+        """Bytes this rank holds by category (unique storages) and its peak memory; see parallel_yolo.memory."""
+        grads = [p.grad for p in self.raw_model.parameters()] + self._extra_grad_tensors()
+        state = [t for s in self._inner_optimizer().state.values() for t in s.values()]
+        return memory.report(params=self._local_params(), grads=grads, optimizer_state=state,
+                             ema=ema.tensors(), baseline=self.baseline_rss, device=self.device)
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return list(self.raw_model.parameters())
+
+    def _extra_grad_tensors(self) -> list[torch.Tensor]:
+        """Gradient storage a backend keeps outside `param.grad` (buckets, flat partitions)."""
+        return []
+
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
     def make_ema(self) -> ReplicatedEMA:
         return ReplicatedEMA(self)
 
@@ -164,6 +191,9 @@ class ReplicatedEMA:
 
     def update_attr(self) -> None:
         self._ema.update_attr(self.strategy.raw_model, include=["yaml", "nc", "args", "names", "stride"])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self._ema.ema.state_dict().values())
 
     def full_model(self) -> nn.Module:
         """The EMA model for validation and export; buffers averaged over ranks first."""

@@ -84,6 +84,25 @@ class ZeroStrategy(Strategy):
         if not self._boundary:
             self.model.step()  # a micro-step: DeepSpeed accumulates and takes no optimizer step
 
+    def _inner_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer inside ZeRO's wrapper
+
+    def _wrapper_tensors(self, *attrs: str) -> list[torch.Tensor]:
+        found = []
+        for attr in attrs:
+            value = getattr(self.optimizer, attr, None)
+            values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+            for v in values:
+                found.extend(v if isinstance(v, list) else [v])
+        return [t for t in found if isinstance(t, torch.Tensor)]
+
+    def _local_params(self) -> list[torch.Tensor]:
+        # the module's weights plus ZeRO's fp32 master partitions (a separate copy, also in fp32 training)
+        return list(self._raw.parameters()) + self._wrapper_tensors("single_partition_of_fp32_groups")
+
+    def _extra_grad_tensors(self) -> list[torch.Tensor]:
+        return self._wrapper_tensors("averaged_gradients", "ipg_buffer", "grads_in_partition")
+
     def step(self) -> tuple[float, bool]:
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()  # clips to the global norm over all partitions, steps, zeroes gradients
@@ -128,6 +147,9 @@ class Zero3Strategy(ZeroStrategy):
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.assemble(self.local_state())
+
+    def _local_params(self) -> list[torch.Tensor]:
+        return [p.ds_tensor for p in self._raw.parameters()] + self._wrapper_tensors("fp32_partitioned_groups_flat")
 
     def clip_grad_norm(self, max_norm: float) -> float:  # DeepSpeed clips inside engine.step()
         raise NotImplementedError

@@ -87,6 +87,9 @@ class FSDPStrategy(Strategy):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.assemble(self.local_state())
 
+    def _local_params(self) -> list[torch.Tensor]:
+        return [p.to_local() for p in self.model.parameters()]
+
     def make_ema(self) -> ShardedEMA:
         return ShardedEMA(self)
 

@@ -9,6 +9,8 @@ such differences within a few steps. Clipping itself is checked through the grad
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -67,3 +69,8 @@ def test_strategy_matches_single_process(strategy, reference, workdir):
     assert norm_rel <= max(1e-5, 2 * tol)
     assert set(weights) == set(ref_w) and all(weights[k].dtype == ref_w[k].dtype for k in ref_w)
     assert not torch.equal(ema["model.0.conv.weight"], weights["model.0.conv.weight"])  # EMA is its own copy
+    # memory.json: what each rank holds. Every strategy but DDP shards the optimizer state over the 2 ranks.
+    held = [r["optimizer_state_bytes"] for r in json.loads((run / "memory.json").read_text())["ranks"]]
+    full = json.loads((reference[4] / "memory.json").read_text())["ranks"][0]["optimizer_state_bytes"]
+    expected = 1.0 if strategy == "ddp" else 0.5
+    assert len(held) == 2 and all(abs(h / full - expected) < 0.02 for h in held), (held, full)
