@@ -151,9 +151,6 @@ class Zero3Strategy(ZeroStrategy):
     def _local_params(self) -> list[torch.Tensor]:
         return [p.ds_tensor for p in self._raw.parameters()] + self._wrapper_tensors("fp32_partitioned_groups_flat")
 
-    def clip_grad_norm(self, max_norm: float) -> float:  # DeepSpeed clips inside engine.step()
-        raise NotImplementedError
-
     def make_ema(self) -> ShardedEMA:
         return ShardedEMA(self)
 
