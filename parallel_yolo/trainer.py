@@ -164,7 +164,7 @@ class Trainer:
                            "grad_norm": norm, "images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9),
                            **dict(zip(self.loss_names, losses))})
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
-                self._save(self.log.folder / "checkpoints" / f"step_{self.step}", epoch, None)
+                self._save(self.log.folder / "checkpoints" / f"step_{self.step}", epoch=epoch, fitness=None)
                 if strategy.is_main:
                     checkpoint.rotate(self.log.folder / "checkpoints", keep=self.cfg.keep_last)
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
@@ -208,15 +208,14 @@ class Trainer:
                         **{f"train/{k}": v for k, v in losses.items()}, **shown,
                         **{f"lr/pg{i}": g["lr"] for i, g in enumerate(self.groups)}})
         weights = self.log.folder / "weights"
-        self._save(weights / "last", epoch, fitness)
-        if improved:
-            self._save(weights / "best", epoch, fitness)
+        self._save(weights / "last", *([weights / "best"] if improved else []), epoch=epoch, fitness=fitness)
 
-    def _save(self, folder: Path, epoch: int, fitness: float | None) -> None:
-        """The EMA weights (the model Ultralytics evaluates and exports) with what is needed to rebuild it."""
+    def _save(self, *folders: Path, epoch: int, fitness: float | None) -> None:
+        """Model and EMA weights (the EMA is what Ultralytics evaluates and exports), gathered once (a collective
+        under sharded strategies) and written to each folder with what is needed to rebuild the model."""
         self.strategy.sync_buffers()
         state = {"model": self.strategy.full_state_dict(), "ema": _full_ema_state(self.ema)}
-        if self.strategy.is_main:
+        for folder in folders if self.strategy.is_main else ():
             model = self.strategy.raw_model
             checkpoint.save(folder, state, {
                 "strategy": self.strategy.name, "precision": self.strategy.precision.name,
