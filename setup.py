@@ -18,6 +18,6 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "onnx"]},  # onnx: the test that exports a consolidated .pt
     entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:main"]},
 )

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import sys
 
-from .config import ConfigError, TrainConfig, ValConfig, parse_overrides
+from .config import ConfigError, ConsolidateConfig, TrainConfig, ValConfig, parse_overrides
 
 __all__ = ["main"]
 
 USAGE = """usage: parallel-yolo COMMAND key=value ...
 
 commands:
-  train   train a detector          e.g. parallel-yolo train cfg=configs/train/demo.yaml
-  val     evaluate a checkpoint     e.g. parallel-yolo val checkpoint=runs/detect/train/weights/best
-  help    this text and the keys of every command
+  train        train a detector        e.g. parallel-yolo train cfg=configs/train/demo.yaml
+               continue a run          e.g. parallel-yolo train resume=runs/detect/train strategy=ddp nproc=4
+  val          evaluate a checkpoint   e.g. parallel-yolo val checkpoint=runs/detect/train/weights/best
+  consolidate  one file from shards    e.g. parallel-yolo consolidate checkpoint=runs/detect/train/weights/best out=best.pt
+  help         this text and the keys of every command
 
 launch: add nproc=N for N local processes, or run under torchrun / accelerate launch / deepspeed.
 """
@@ -34,7 +36,13 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         if command == "val":
             return _val(rest)
-        raise ConfigError(f"unknown command '{command}'; use train, val or help")
+        if command == "consolidate":
+            from .consolidate import consolidate
+
+            cfg = parse_overrides(rest, ConsolidateConfig)
+            consolidate(checkpoint=cfg.checkpoint, out=cfg.out, weights=cfg.weights)
+            return 0
+        raise ConfigError(f"unknown command '{command}'; use train, val, consolidate or help")
     except ConfigError as e:
         print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -49,6 +57,12 @@ def _train(tokens: list[str]) -> int:
 
     cfg = parse_overrides(tokens, TrainConfig)
     env = dist.read_env()
+    if cfg.resume:
+        from .resume import resolve
+        from .strategies.registry import from_launcher
+
+        cfg = resolve(tokens, launched=env.launched, world_size=env.world_size, launcher_choice=from_launcher(env))
+        tokens = [*tokens, f"resume={cfg.resume}"]  # the processes started below load this very checkpoint
     if cfg.nproc and env.launched and cfg.nproc != env.world_size:
         raise ConfigError(f"nproc={cfg.nproc} but the launcher started {env.world_size} processes; drop nproc=")
     if cfg.nproc and not env.launched:
@@ -74,7 +88,7 @@ def _keys_help() -> str:
     import dataclasses
 
     lines = []
-    for name, schema in (("train", TrainConfig), ("val", ValConfig)):
+    for name, schema in (("train", TrainConfig), ("val", ValConfig), ("consolidate", ConsolidateConfig)):
         keys = [f.name for f in dataclasses.fields(schema) if f.name != "hyp"]
         lines.append(f"\n{name} keys: " + ", ".join(keys))
     from .config import ULTRALYTICS_KEYS

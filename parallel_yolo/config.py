@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "TrainConfig", "ValConfig", "parse_overrides", "ULTRALYTICS_KEYS"]
+__all__ = ["ConfigError", "TrainConfig", "ValConfig", "ConsolidateConfig", "parse_overrides", "read_overrides", "build",
+           "ULTRALYTICS_KEYS"]
 
 STRATEGY_NAMES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
@@ -68,6 +69,8 @@ class TrainConfig:
     name: str = "train"
     exist_ok: bool = False
     resume: bool | str = False
+    """true: continue the newest run under `project`; a run or checkpoint folder: continue that one. The run's
+    settings are reused; keys given now override them (another strategy, nproc or precision reshards)."""
     fraction: float = 1.0
     val: bool = True
     """Validate every epoch; the final epoch is always validated."""
@@ -104,9 +107,10 @@ class TrainConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; "
                               f"choose one of {', '.join(PRECISIONS)}")
-        if self.resume:
-            raise ConfigError("resume: resuming needs the sharded checkpoint format, which this version does not "
-                              "have yet; start a new run without resume=")
+        if isinstance(self.resume, str) and not Path(self.resume).exists():
+            raise ConfigError(f"resume={self.resume}: not found; pass resume=true (the newest run under "
+                              f"project={self.project}), a run folder, or a checkpoint folder such as "
+                              "runs/detect/train/weights/last")
         if self.device is not None and self.device != "cpu" and not _is_cuda_spec(self.device):
             raise ConfigError(f"device={self.device}: use device=cpu, or leave it out to use CUDA when present")
 
@@ -162,8 +166,30 @@ class ValConfig:
                               "folder, or a consolidated .pt")
 
 
+@dataclass(kw_only=True, slots=True)
+class ConsolidateConfig:
+    """What `parallel-yolo consolidate` accepts."""
+
+    checkpoint: str
+    """A checkpoint folder (weights/last, weights/best, checkpoints/step_N)."""
+    out: str
+    """X.pt (an Ultralytics checkpoint for YOLO(X).val/predict/export) or X.safetensors."""
+    weights: str = "ema"
+    """ema (what Ultralytics evaluates and exports) or model (the raw trained weights)."""
+
+    def __post_init__(self) -> None:
+        if not Path(self.checkpoint).is_dir():
+            raise ConfigError(f"checkpoint={self.checkpoint}: not a checkpoint folder; pass a run's weights/last, "
+                              "weights/best or checkpoints/step_N")
+
+
 def parse_overrides(tokens: list[str], schema: type) -> Any:
     """Build `schema` from `key=value` tokens; `cfg=FILE` first loads a recipe yaml that the other tokens override."""
+    return build(schema, read_overrides(tokens))
+
+
+def read_overrides(tokens: list[str]) -> dict[str, Any]:
+    """The keys set by `key=value` tokens and the `cfg=FILE` recipe they override, unvalidated."""
     pairs: dict[str, Any] = {}
     for token in tokens:
         if token.startswith("--local_rank") or token.startswith("--local-rank"):
@@ -173,11 +199,10 @@ def parse_overrides(tokens: list[str], schema: type) -> Any:
             raise ConfigError(f"'{token}': arguments are key=value pairs, e.g. epochs=10")
         pairs[key.strip()] = _parse_value(raw)
     recipe = pairs.pop("cfg", None)
-    merged = {**(_load_recipe(recipe) if recipe else {}), **pairs}
-    return _build(schema, merged)
+    return {**(_load_recipe(recipe) if recipe else {}), **pairs}
 
 
-def _build(schema: type, values: dict[str, Any]) -> Any:
+def build(schema: type, values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(schema)
     names = {f.name for f in dataclasses.fields(schema)} - {"hyp"}
     kwargs: dict[str, Any] = {}

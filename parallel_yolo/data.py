@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import ConfigError
 
-__all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "train_loader", "val_loader",
+__all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
            "preprocess", "split_batch"]
 
 DEMO_CLASSES = {0: "square", 1: "circle", 2: "triangle"}
@@ -108,26 +108,28 @@ def resolve_dataset(spec: str) -> dict[str, Any]:
     return data
 
 
-class GlobalBatchSampler(Sampler[int]):
+class GlobalBatchSampler(Sampler[tuple[int, int]]):
     """Indices for one rank: a seeded permutation per epoch, padded to whole global batches, sliced per rank.
 
     Every rank computes the same permutation; within global batch k, rank r takes positions
-    [k*B + r*b, k*B + (r+1)*b) where B is the global batch and b = B / world_size.
+    [k*B + r*b, k*B + (r+1)*b) where B is the global batch and b = B / world_size. Each index comes with its
+    position in the epoch's global order, which seeds that sample's augmentation (see SeededSamples), and an epoch
+    can start at any batch: that is how a resumed run picks up mid-epoch.
     """
 
     def __init__(self, size: int, *, batch: int, rank: int, world_size: int, shuffle: bool, seed: int):
         self.size, self.batch, self.rank, self.world_size = size, batch, rank, world_size
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seed, self.epoch, self.start = shuffle, seed, 0, 0
         self.local = batch // world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
 
     def batches(self) -> int:
         return math.ceil(self.size / self.batch)
 
     def __len__(self) -> int:
-        return self.batches() * self.local
+        return (self.batches() - self.start) * self.local
 
     def __iter__(self):
         if self.shuffle:
@@ -137,16 +139,59 @@ class GlobalBatchSampler(Sampler[int]):
             order = list(range(self.size))
         total = self.batches() * self.batch
         order = (order * math.ceil(total / self.size))[:total]  # wrap around to fill the last global batch
-        for k in range(self.batches()):
+        for k in range(self.start, self.batches()):
             start = k * self.batch + self.rank * self.local
-            yield from order[start:start + self.local]
+            for position in range(start, start + self.local):
+                yield (self.epoch * total + position) * 1009 + self.seed, order[position]
+
+
+class SeededSamples(Dataset):
+    """A YOLODataset whose every sample is augmented from its own seed (epoch, position, run seed).
+
+    Ultralytics' augmentations draw from the process-global random, numpy and torch generators, so what a sample
+    gets depends on what that worker loaded before. Seeding per sample makes the data a function of the sample
+    alone: the same for any number of workers, and the same when a run resumes mid-epoch. For the same reason
+    mosaic partners are drawn from the whole dataset (as Ultralytics does with cache=ram) instead of from the
+    images this worker happened to load last.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        _draw_mosaic_partners_from_whole_dataset(dataset.transforms)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        import random
+
+        seed, index = key
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+    def close_mosaic(self, hyp) -> None:
+        self.dataset.close_mosaic(hyp=hyp)
+        _draw_mosaic_partners_from_whole_dataset(self.dataset.transforms)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["dataset"], name)  # labels, collate_fn, ...: the YOLODataset's own
+
+
+def _draw_mosaic_partners_from_whole_dataset(transform) -> None:
+    if hasattr(transform, "buffer_enabled"):
+        transform.buffer_enabled = False
+    for child in (*getattr(transform, "transforms", ()), getattr(transform, "pre_transform", None)):
+        if child is not None:
+            _draw_mosaic_partners_from_whole_dataset(child)
 
 
 def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: int, seed: int) -> DataLoader:
+    samples = SeededSamples(dataset)
     sampler = GlobalBatchSampler(len(dataset), batch=batch, rank=rank, world_size=world_size, shuffle=True, seed=seed)
-    return DataLoader(dataset, batch_size=batch // world_size, sampler=sampler, num_workers=workers,
-                      collate_fn=dataset.collate_fn, worker_init_fn=_seed_worker,
-                      generator=torch.Generator().manual_seed(seed + rank), persistent_workers=False)
+    return DataLoader(samples, batch_size=batch // world_size, sampler=sampler, num_workers=workers,
+                      collate_fn=dataset.collate_fn, persistent_workers=False)
 
 
 def val_loader(dataset, *, batch: int, workers: int, distributed: bool) -> DataLoader:
@@ -154,14 +199,6 @@ def val_loader(dataset, *, batch: int, workers: int, distributed: bool) -> DataL
     from ultralytics.data.build import build_dataloader
 
     return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=0 if distributed else -1)
-
-
-def _seed_worker(worker_id: int) -> None:
-    import random
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def preprocess(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

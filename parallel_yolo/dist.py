@@ -93,6 +93,8 @@ def process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800
     """The group for the body's duration. On success every rank meets in a barrier before the teardown: a rank
     that destroys gloo while a peer's last collective (say a gather it only sent to) is still in flight aborts
     ("terminate called without an active exception"). After an error there is no barrier, which could hang."""
+    if env.launched:
+        _die_with_launcher()
     init_process_group(env, device, timeout_s=timeout_s)
     try:
         yield
@@ -100,6 +102,21 @@ def process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800
             dist.barrier()
     finally:
         destroy()
+
+
+def _die_with_launcher() -> None:
+    """Ask Linux to kill this worker when its launcher dies. torch's launcher starts workers in sessions of their
+    own, so a launcher killed with SIGKILL would otherwise leave them training, and saving, on their own."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request was in place
+        os._exit(1)
 
 
 def destroy() -> None:

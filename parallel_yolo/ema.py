@@ -34,16 +34,24 @@ class ShardedEMA:
     def tensors(self) -> list[torch.Tensor]:
         return list(self.shadow.values())
 
+    def param_view(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of a parameter's EMA: the shadow of this rank's shard, which starts at `lo`."""
+        return self.shadow[name].view(-1)[:hi - lo]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        names = {name for name, _ in self.strategy.raw_model.named_buffers()}
+        return {k: v for k, v in self.shadow.items() if k in names}
+
     def update_attr(self) -> None:
         """Nothing to copy: full_model() rebuilds the module from the live model's attributes."""
 
     def full_model(self) -> nn.Module:
-        """A full, unsharded copy of the EMA model (collective: every rank must call it)."""
+        """A full, unsharded copy of the EMA model, buffers averaged over ranks (collective: every rank calls it)."""
         from ultralytics.nn.tasks import DetectionModel
 
-        buffers = {name for name, _ in self.strategy.raw_model.named_buffers()}
-        self.strategy.average_over_ranks(v for k, v in self.shadow.items() if k in buffers)
-        state = self.strategy.assemble(self.shadow)
+        buffers = {k: v.clone() for k, v in self.buffers().items()}
+        self.strategy.average_over_ranks(buffers.values())
+        state = self.strategy.assemble({**self.shadow, **buffers})
         raw = self.strategy.raw_model
         model = DetectionModel(raw.yaml, nc=raw.nc, verbose=False).to(self.strategy.device)
         model.load_state_dict(state)

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data as datamod, dist, yolo
+from . import checkpoint, data as datamod, dist, memory, yolo
+from .checkpoint import state as ckpt_state
 from .config import TrainConfig
 from .precision import policy
 from .recipe import Schedule
@@ -68,6 +69,8 @@ class Trainer:
         make_optimizer = yolo.optimizer_factory(cfg, self.hyp, nc=self.data["nc"],
                                                 dataset_size=len(self.train_loader.dataset), weight_decay=weight_decay)
         self.model, _ = strategy.setup(model, make_optimizer=make_optimizer)
+        del model
+        memory.release_freed()
         self.groups = strategy.param_groups()
         Schedule.remember_initial(self.groups)
         self.schedule = Schedule(epochs=cfg.epochs, lrf=cfg.lrf, cos_lr=cfg.cos_lr, warmup_epochs=cfg.warmup_epochs,
@@ -75,14 +78,42 @@ class Trainer:
                                  momentum=cfg.momentum, batches_per_epoch=self.batches_per_epoch,
                                  accumulate=self.accumulate)
         self.ema = strategy.make_ema()
+        self.step, self.best_fitness, self.loss_names = 0, None, ("box_loss", "cls_loss", "dfl_loss")
+        self.position, self.last_opt = (0, 0), -1  # (epoch, batch) the next iteration runs; last stepping iteration
+        folder = self._resume() if cfg.resume else None
+        self._snapshot_buffers()
         folder = strategy.broadcast_object(
-            RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if strategy.is_main else None)
+            folder or RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if strategy.is_main else None)
         self.log = RunLog(folder, writer=strategy.is_main)
         self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
                              "world_size": strategy.world_size, "imgsz": self.imgsz})
         self.evaluator = Evaluator(loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
                                    device=self.device, world_size=strategy.world_size)
-        self.step, self.best_fitness, self.loss_names = 0, None, ("box_loss", "cls_loss", "dfl_loss")
+
+    def _resume(self) -> Path:
+        """Load the checkpoint `resume=` resolved to (each rank reads only its ranges); returns the run folder."""
+        from .resume import run_folder_of
+
+        folder = Path(self.cfg.resume)
+        manifest = checkpoint.load_manifest(folder, verify=False)  # verified when `resume=` was resolved
+        optimizer = type(self.strategy.inner_optimizer()).__name__
+        if manifest["optimizer"] != optimizer:
+            raise checkpoint.CheckpointError(f"{folder} was trained with {manifest['optimizer']}, this run builds "
+                                             f"{optimizer}; resume with optimizer={manifest['train_args']['optimizer']}")
+        ckpt_state.load(folder, manifest, strategy=self.strategy, ema=self.ema)
+        self.step, self.best_fitness, self.last_opt = manifest["step"], manifest["best_fitness"], manifest["last_opt"]
+        self.position, self.ema.updates = (manifest["epoch"], manifest["batch"]), manifest["ema_updates"]
+        self.strategy.skipped_steps = manifest["skipped_steps"]
+        if manifest["scaler"]:
+            self.strategy.scaler.load_state_dict(manifest["scaler"])
+        if manifest["world_size"] == self.strategy.world_size:
+            ckpt_state.set_rng_state(manifest["ranks"][self.strategy.rank])
+        for _ in range(manifest["epoch"]):
+            if hasattr(self.criterion, "update"):
+                self.criterion.update()  # end-to-end heads decay their one-to-many weight once per epoch
+        self._say(f"resumed from {folder}: {manifest['strategy']} x{manifest['world_size']} at step {self.step}, "
+                  f"epoch {manifest['epoch'] + 1} batch {manifest['batch']}")
+        return run_folder_of(folder) or folder.parent
 
     def _build_loaders(self) -> None:
         from ultralytics.data.build import build_yolo_dataset
@@ -107,20 +138,24 @@ class Trainer:
         self._say(f"{strategy.name} x{strategy.world_size} on {self.device.type}, {strategy.precision.name}, "
                   f"batch {cfg.batch} ({self.local_batch}/process, micro-batch {self.micro}), imgsz {self.imgsz}, "
                   f"accumulate {self.accumulate}, run folder {self.log.folder}")
-        metrics, last_opt, stop, start = None, -1, False, time.time()
-        for epoch in range(cfg.epochs):
+        metrics, stop, start = None, False, time.time()
+        first_epoch, first_batch = self.position
+        for epoch in range(first_epoch, cfg.epochs):
             self.schedule.start_epoch(self.groups, epoch)
             self.model.train()
-            self.train_loader.sampler.set_epoch(epoch)
-            if cfg.close_mosaic and epoch == max(cfg.epochs - cfg.close_mosaic, 0):
+            self.train_loader.sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
+            close_at = max(cfg.epochs - cfg.close_mosaic, 0)
+            if cfg.close_mosaic and (epoch == close_at or epoch == first_epoch > close_at):
                 self.train_loader.dataset.close_mosaic(hyp=copy(self.hyp))
-            epoch_loss, stop, last_opt = self._train_epoch(epoch, last_opt)
+            epoch_loss, stop = self._train_epoch(epoch)
+            if self.position[1] == self.batches_per_epoch:
+                self.position = (epoch + 1, 0)
             if hasattr(self.criterion, "update"):
                 self.criterion.update()
             self.ema.update_attr()
             final = stop or epoch + 1 == cfg.epochs
             metrics = self._validate() if cfg.val or final else None
-            self._end_epoch(epoch, epoch_loss, metrics, time.time() - start)
+            self._end_epoch(epoch, epoch_loss, metrics, time.time() - start, done=not stop and epoch + 1 == cfg.epochs)
             if final:
                 break
         self._write_memory()
@@ -137,16 +172,17 @@ class Trainer:
                 {"strategy": self.strategy.name, "world_size": self.strategy.world_size,
                  "ranks": reports}, indent=2))
 
-    def _train_epoch(self, epoch: int, last_opt: int) -> tuple[dict[str, float], bool, int]:
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         from ultralytics.utils import TQDM
 
-        strategy, nb = self.strategy, self.batches_per_epoch
+        strategy, nb, first = self.strategy, self.batches_per_epoch, self.train_loader.sampler.start
         sums, seen, window, tick = torch.zeros(len(self.loss_names)), 0, torch.zeros(len(self.loss_names)), time.time()
-        bar = TQDM(self.train_loader, total=nb, disable=not strategy.is_main, desc=f"{epoch + 1}/{self.cfg.epochs}")
-        for i, batch in enumerate(bar):
+        bar = TQDM(self.train_loader, total=nb, initial=first, disable=not strategy.is_main,
+                   desc=f"{epoch + 1}/{self.cfg.epochs}")
+        for i, batch in enumerate(bar, start=first):
             ni = i + nb * epoch
             accumulate = self.schedule.warmup(self.groups, ni, epoch)
-            stepping = ni - last_opt >= accumulate
+            stepping = ni - self.last_opt >= accumulate
             items = self._forward_backward(datamod.preprocess(batch, self.device), sync=stepping)
             sums, window, seen = sums + items, window + items, seen + 1
             if strategy.is_main:
@@ -157,19 +193,22 @@ class Trainer:
             if not stepped:
                 self._say(f"step {self.step + 1}: non-finite gradient norm ({norm}); optimizer step skipped")
             self.ema.update()  # as Ultralytics: the EMA follows even a skipped step
-            self.step, iterations, last_opt = self.step + 1, ni - last_opt, ni
+            self._snapshot_buffers()
+            self.step, iterations, self.last_opt, self.position = self.step + 1, ni - self.last_opt, ni, (epoch, i + 1)
             losses = strategy.all_reduce(window / iterations, mean=True).tolist()
             elapsed, tick, window = time.time() - tick, time.time(), torch.zeros_like(window)
             self.log.step({"step": self.step, "epoch": epoch + 1, "loss": sum(losses), "lr": self.groups[0]["lr"],
                            "grad_norm": norm, "images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9),
                            **dict(zip(self.loss_names, losses))})
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
-                self._save(self.log.folder / "checkpoints" / f"step_{self.step}", epoch=epoch, fitness=None)
+                if i + 1 == nb:
+                    self.position = (epoch + 1, 0)
+                self._save(self.log.folder / "checkpoints" / f"step_{self.step}", fitness=None)
                 if strategy.is_main:
                     checkpoint.rotate(self.log.folder / "checkpoints", keep=self.cfg.keep_last)
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
-                return dict(zip(self.loss_names, (sums / seen).tolist())), True, last_opt
-        return dict(zip(self.loss_names, (sums / max(seen, 1)).tolist())), False, last_opt
+                return dict(zip(self.loss_names, (sums / seen).tolist())), True
+        return dict(zip(self.loss_names, (sums / max(seen, 1)).tolist())), False
 
     def _forward_backward(self, batch: dict[str, Any], *, sync: bool) -> torch.Tensor:
         """Forward and backward over the micro-batches of this process's share; returns the mean loss items.
@@ -194,11 +233,11 @@ class Trainer:
 
     # ---- validation, logging, saving ---------------------------------------------------------------------------
     def _validate(self) -> dict[str, Any] | None:
-        self.strategy.sync_buffers()
         metrics = self.evaluator(self.ema.full_model(), self.loss_names)
         return self.strategy.broadcast_object(metrics)
 
-    def _end_epoch(self, epoch: int, losses: dict[str, float], metrics: dict | None, elapsed: float) -> None:
+    def _end_epoch(self, epoch: int, losses: dict[str, float], metrics: dict | None, elapsed: float, *,
+                   done: bool) -> None:
         fitness = (metrics or {}).get("fitness")
         improved = fitness is not None and (self.best_fitness is None or fitness > self.best_fitness)
         self.best_fitness = fitness if improved else self.best_fitness
@@ -208,30 +247,33 @@ class Trainer:
                         **{f"train/{k}": v for k, v in losses.items()}, **shown,
                         **{f"lr/pg{i}": g["lr"] for i, g in enumerate(self.groups)}})
         weights = self.log.folder / "weights"
-        self._save(weights / "last", *([weights / "best"] if improved else []), epoch=epoch, fitness=fitness)
+        self._save(weights / "last", fitness=fitness, done=done)
+        if improved:
+            self._save(weights / "best", fitness=fitness, done=done)
 
-    def _save(self, *folders: Path, epoch: int, fitness: float | None) -> None:
-        """Model and EMA weights (the EMA is what Ultralytics evaluates and exports), gathered once (a collective
-        under sharded strategies) and written to each folder with what is needed to rebuild the model."""
-        self.strategy.sync_buffers()
-        state = {"model": self.strategy.full_state_dict(), "ema": _full_ema_state(self.ema)}
-        for folder in folders if self.strategy.is_main else ():
-            model = self.strategy.raw_model
-            checkpoint.save(folder, state, {
-                "strategy": self.strategy.name, "precision": self.strategy.precision.name,
-                "world_size": self.strategy.world_size, "step": self.step, "epoch": epoch + 1,
-                "fitness": fitness, "best_fitness": self.best_fitness, "model_yaml": model.yaml,
-                "nc": self.data["nc"], "names": self.data["names"], "imgsz": self.imgsz,
-                "train_args": self.cfg.to_dict()})
-        self.strategy.barrier()
+    def _snapshot_buffers(self) -> None:
+        """BatchNorm buffers as of the last optimizer step. A checkpoint holds the state at that step and resumes at
+        the iteration after it, re-running iterations whose gradients were still being accumulated (Ultralytics
+        carries them across epoch ends); their forward passes must not count twice in the running statistics."""
+        self.step_buffers = {k: b.detach().clone() for k, b in self.strategy.raw_model.named_buffers()}
+
+    def _save(self, folder: Path, *, fitness: float | None, done: bool = False) -> None:
+        """A sharded checkpoint of the whole training state, every rank writing its own part (a collective)."""
+        strategy, model = self.strategy, self.strategy.raw_model
+        epoch, batch = self.position
+        ckpt_state.save(folder, strategy=strategy, ema=self.ema, buffers=self.step_buffers,
+                        rank_meta=ckpt_state.rng_state(), meta={"done": done,
+            "strategy": strategy.name, "precision": strategy.precision.name, "world_size": strategy.world_size,
+            "micro_batch": self.micro, "step": self.step, "epoch": epoch, "batch": batch, "last_opt": self.last_opt,
+            "fitness": fitness, "best_fitness": self.best_fitness, "ema_updates": self.ema.updates,
+            "skipped_steps": strategy.skipped_steps, "scaler": strategy.scaler.state_dict(),
+            "optimizer": type(strategy.inner_optimizer()).__name__, "loss_names": list(self.loss_names),
+            "model_yaml": model.yaml, "nc": self.data["nc"], "names": self.data["names"], "imgsz": self.imgsz,
+            "train_args": self.cfg.to_dict()})
 
     def _say(self, message: str) -> None:
         if self.strategy.is_main:
             print(message, flush=True)
-
-
-def _full_ema_state(ema) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu() for k, v in ema.full_model().state_dict().items()}
 
 
 def _on_main_first(strategy, build):

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ConfigError
 
-__all__ = ["Evaluator", "run_val", "load_for_eval"]
+__all__ = ["Evaluator", "run_val", "load_for_eval", "model_from_checkpoint"]
 
 
 class _TrainerView:
@@ -110,21 +110,14 @@ def run_val(cfg) -> dict[str, float] | None:
 
 
 def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """(DetectionModel with the checkpoint's EMA weights, its training args) from a folder or a .pt."""
-    from . import checkpoint
+    """(DetectionModel with the checkpoint's EMA weights, its training args) from a checkpoint folder (read
+    straight from the shards, whatever strategy and world size wrote them) or a consolidated .pt."""
     from .yolo import load_local_pt
 
     path = Path(source)
     if path.is_dir():
-        try:
-            manifest = checkpoint.load_manifest(path)
-            state = checkpoint.load_tensors(path, "ema")
-        except checkpoint.CheckpointError as e:
-            raise ConfigError(f"checkpoint={source}: {e}") from None
-        names = {int(k): v for k, v in manifest["names"].items()}
-        model = build_model_from_yaml(manifest["model_yaml"], nc=manifest["nc"], names=names)
-        model.load_state_dict(state)
-        return model.float(), {**manifest["train_args"], "imgsz": manifest.get("imgsz")}
+        model, manifest = model_from_checkpoint(path, weights="ema")
+        return model, {**manifest["train_args"], "imgsz": manifest.get("imgsz")}
     if path.suffix != ".pt":
         raise ConfigError(f"checkpoint={source}: expected a checkpoint folder or a consolidated .pt")
     model = load_local_pt(str(path))
@@ -133,12 +126,25 @@ def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
     return model, trained
 
 
-def build_model_from_yaml(model_yaml: dict, *, nc: int, names: dict[int, str]) -> nn.Module:
+def model_from_checkpoint(folder: Path, *, weights: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The full model (`weights`: 'ema' or 'model') assembled from a checkpoint's shards, and its manifest."""
     from ultralytics.nn.tasks import DetectionModel
 
-    model = DetectionModel(model_yaml, nc=nc, verbose=False)
-    model.nc, model.names = nc, names
-    return model
+    from . import checkpoint
+
+    try:
+        manifest = checkpoint.load_manifest(folder)
+        state = checkpoint.Reader(folder, manifest).state_dict(f"{weights}/")
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"checkpoint={folder}: {e}") from None
+    model = DetectionModel(manifest["model_yaml"], nc=manifest["nc"], verbose=False)
+    model.nc, model.names = manifest["nc"], {int(k): v for k, v in manifest["names"].items()}
+    mismatch = set(model.state_dict()) ^ set(state)
+    if mismatch:
+        raise ConfigError(f"checkpoint={folder}: its tensors do not match the model in its own manifest "
+                          f"({sorted(mismatch)[0]}); the checkpoint is damaged")
+    model.load_state_dict(state)
+    return model.float(), manifest
 
 
 def _eval_hyp(cfg, trained: dict[str, Any]) -> Any:

@@ -46,9 +46,20 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def load_weights(folder: Path, stem: str = "model") -> dict:
-    from safetensors.torch import load_file
+    """Full tensors of a checkpoint folder: `model` or `ema` weights and buffers, or `optim` state."""
+    from parallel_yolo import checkpoint
 
-    return load_file(str(folder / f"{stem}.safetensors"))
+    return checkpoint.Reader(folder, checkpoint.load_manifest(folder)).state_dict(f"{stem}/")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A short demo training (2 processes, ddp) that detects something: mAP50 well above 0."""
+    project = tmp_path_factory.mktemp("trained")
+    check(run_cli("train", "model=yolov8n.yaml", "data=demo", "imgsz=128", "epochs=6", "batch=16", "nbs=16",
+                  "close_mosaic=2", "val=false", "workers=0", "nproc=2", "strategy=ddp", f"project={project}",
+                  "name=run", cwd=project))
+    return project / "run"
 
 
 @pytest.fixture

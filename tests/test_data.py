@@ -24,10 +24,14 @@ def test_demo_dataset_is_deterministic_and_valid(tmp_path, monkeypatch):
     assert parsed["nc"] == 3 and parsed["names"] == data.DEMO_CLASSES
 
 
+def _indices(sampler):
+    return [index for _, index in sampler]
+
+
 def test_sampler_ranks_partition_each_global_batch_like_micro_batches():
     size, batch = 37, 8
-    single = list(data.GlobalBatchSampler(size, batch=batch, rank=0, world_size=1, shuffle=True, seed=5))
-    ranks = [list(data.GlobalBatchSampler(size, batch=batch, rank=r, world_size=2, shuffle=True, seed=5))
+    single = _indices(data.GlobalBatchSampler(size, batch=batch, rank=0, world_size=1, shuffle=True, seed=5))
+    ranks = [_indices(data.GlobalBatchSampler(size, batch=batch, rank=r, world_size=2, shuffle=True, seed=5))
              for r in range(2)]
     assert len(single) == 40 and all(len(r) == 20 for r in ranks)  # padded to whole global batches
     for k in range(5):
@@ -36,7 +40,33 @@ def test_sampler_ranks_partition_each_global_batch_like_micro_batches():
     assert set(single) == set(range(size))
     other_epoch = data.GlobalBatchSampler(size, batch=batch, rank=0, world_size=1, shuffle=True, seed=5)
     other_epoch.set_epoch(1)
-    assert list(other_epoch) != single
+    assert _indices(other_epoch) != single
+
+
+def test_sampler_resumes_mid_epoch_with_the_same_samples_and_seeds():
+    full = list(data.GlobalBatchSampler(37, batch=8, rank=1, world_size=2, shuffle=True, seed=5))
+    resumed = data.GlobalBatchSampler(37, batch=8, rank=1, world_size=2, shuffle=True, seed=5)
+    resumed.set_epoch(0, start_batch=3)
+    assert list(resumed) == full[3 * 4:] and len(resumed) == 8
+    seeds = [seed for seed, _ in full]
+    assert len(set(seeds)) == len(seeds)  # every sample its own augmentation seed
+
+
+def test_samples_are_augmented_the_same_whatever_was_loaded_before():
+    from ultralytics.data.build import build_yolo_dataset
+    from parallel_yolo import yolo
+    from parallel_yolo.config import TrainConfig
+
+    cfg = TrainConfig(imgsz=64, batch=4)
+    hyp = yolo.hyp_namespace(cfg)
+    hyp.imgsz = 64
+    spec = data.resolve_dataset("demo")
+    samples = data.SeededSamples(build_yolo_dataset(hyp, spec["train"], 4, spec, mode="train", stride=32))
+    first = samples[(7, 3)]["img"]
+    for key in ((1, 0), (2, 5), (3, 9)):
+        samples[key]
+    assert torch.equal(samples[(7, 3)]["img"], first)
+    assert not torch.equal(samples[(8, 3)]["img"], first)  # another seed: another augmentation
 
 
 def test_split_batch_reindexes_boxes():

@@ -1,7 +1,16 @@
-"""Checkpoint folders: tensors in safetensors, a manifest.json written last, the folder renamed into place.
+"""Checkpoint folders written by every rank at once, readable by any number of ranks under any strategy.
 
-A reader trusts a folder only if its manifest exists and every file listed there has the recorded size and
-sha256, so a crash mid-write leaves at most an ignored temporary folder and never a damaged checkpoint.
+Every tensor of the training state (model, EMA, optimizer state by parameter, buffers) is addressed by a key
+such as `model/model.0.conv.weight` or `optim/momentum_buffer/model.0.conv.weight` and stored as flat element
+ranges: each rank writes the ranges it holds into its own `rankNNNNN.safetensors` (ranks that hold the same
+range split it, so DDP writes in parallel too). `manifest.json` lists every file with its size and sha256, and
+for every key its full shape and which file holds which range. A reader asks for any range of any key and gets
+it from whichever files hold it (safetensors slices: no rank reads more than it needs), so a checkpoint is
+independent of the strategy and world size that wrote it.
+
+Atomicity: all files go into a temporary sibling folder; rank 0 writes the manifest last, fsyncs and renames.
+A reader trusts a folder only if its manifest exists and the files match it, so a crash mid-write leaves at
+most a temporary folder, which the next save in that place removes.
 """
 
 from __future__ import annotations
@@ -11,48 +20,108 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "save", "rotate", "load_manifest", "load_tensors"]
+from ..config import ConfigError
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "CheckpointError", "Slab", "begin", "write_shard", "commit", "abort", "rotate",
+           "load_manifest", "newest_intact", "Reader"]
+
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupted or for another model."""
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, incomplete, corrupted or for another model: reported like a bad key."""
 
 
-def save(folder: Path, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
-    """Atomically write `folder`: one safetensors file per entry of `tensors`, then the manifest, then rename."""
-    from safetensors.torch import save_file
+@dataclass(frozen=True, slots=True)
+class Slab:
+    """Flat elements [lo, hi) of the full tensor `key` (of `shape`), held in `data` (1-D, a view into live
+    storage, so loading fills it in place). `share=(i, n)`: n ranks hold this range; this one writes part i."""
 
+    key: str
+    shape: tuple[int, ...]
+    lo: int
+    hi: int
+    data: torch.Tensor
+    share: tuple[int, int] = (0, 1)
+
+    def part(self) -> tuple[int, int]:
+        index, count = self.share
+        size = -(-(self.hi - self.lo) // count)
+        return min(self.lo + index * size, self.hi), min(self.lo + (index + 1) * size, self.hi)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+def begin(folder: Path) -> Path:
+    """Create the temporary folder next to `folder` (rank 0), clearing what interrupted saves left there (saves
+    into one parent folder never overlap: the trainer writes one checkpoint at a time)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        files = {}
-        for stem, state in tensors.items():
-            path = tmp / f"{stem}.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-        manifest = {"format_version": FORMAT_VERSION, **meta, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _fsync_dir(tmp)
+    for stale in folder.parent.glob(f".*{TMP_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in folder.parent.glob(f".{folder.name}{OLD_MARK}*"):
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        else:  # a crash between the two renames of commit(): the previous checkpoint comes back
+            old.rename(folder)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}{TMP_MARK}", dir=folder.parent))
+
+
+def write_shard(tmp: Path, rank: int, slabs: list[Slab]) -> dict[str, Any]:
+    """Write this rank's part of every slab into one safetensors file; returns its manifest entry."""
+    from safetensors.torch import save_file
+
+    tensors, ranges = {}, []
+    for slab in slabs:
+        a, b = slab.part()
+        if a < b:
+            # a copy: safetensors refuses views that share storage (ZeRO keeps parameters in flat buffers)
+            tensors[f"{slab.key}@{a}"] = slab.data[a - slab.lo:b - slab.lo].detach().cpu().clone()
+            ranges.append([slab.key, list(slab.shape), a, b])
+    path = Path(tmp) / f"rank{rank:05d}.safetensors"
+    save_file(tensors, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path), "ranges": ranges}
+
+
+def commit(tmp: Path, folder: Path, meta: dict[str, Any], shards: list[dict[str, Any]]) -> Path:
+    """Rank 0, after every rank wrote its file: check that the ranges cover every tensor, write the manifest,
+    then swap the folder into place."""
+    tensors: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        for key, shape, lo, hi in shard["ranges"]:
+            entry = tensors.setdefault(key, {"shape": shape, "parts": []})
+            entry["parts"].append([shard["file"], lo, hi])
+    for key, entry in tensors.items():
+        _check_coverage(key, entry)
+    files = {s["file"]: {"bytes": s["bytes"], "sha256": s["sha256"]} for s in shards}
+    manifest = {"format_version": FORMAT_VERSION, **meta, "files": files, "tensors": tensors}
+    path = Path(tmp) / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1, default=str))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    folder = Path(folder)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}{OLD_MARK}{os.getpid()}")
+        folder.rename(old)
+        Path(tmp).rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        Path(tmp).rename(folder)
     return folder
+
+
+def abort(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def rotate(parent: Path, *, keep: int) -> None:
@@ -62,7 +131,9 @@ def rotate(parent: Path, *, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# ---- reading ---------------------------------------------------------------------------------------------------
 def load_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; with `verify`, every file's size and sha256 are checked."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -71,18 +142,93 @@ def load_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: unreadable manifest (corrupted file)") from None
+    if manifest.get("format_version") != FORMAT_VERSION or "tensors" not in manifest:
+        raise CheckpointError(f"{folder}: checkpoint format {manifest.get('format_version')}, this version reads "
+                              f"{FORMAT_VERSION}")
     if verify:
-        for name, info in manifest.get("files", {}).items():
+        for name, info in manifest["files"].items():
             file = folder / name
-            if not file.is_file() or file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
-                raise CheckpointError(f"{file}: missing or corrupted (size or sha256 differs from the manifest)")
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing (listed in the manifest)")
+            if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
+                raise CheckpointError(f"{file}: corrupted or truncated (size or sha256 differs from the manifest)")
     return manifest
 
 
-def load_tensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def newest_intact(folders: list[Path]) -> tuple[Path, dict[str, Any], list[str]]:
+    """The complete, uncorrupted checkpoint with the highest step among `folders`, and why the newer ones were
+    passed over."""
+    candidates = []
+    for folder in folders:
+        try:
+            step = json.loads((Path(folder) / MANIFEST).read_text()).get("step", -1)
+        except (OSError, json.JSONDecodeError):
+            step = -1
+        candidates.append((step, str(folder)))
+    problems = []
+    for _, folder in sorted(candidates, reverse=True):
+        try:
+            return Path(folder), load_manifest(Path(folder)), problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    raise CheckpointError("no intact checkpoint: " + ("; ".join(problems) or "none found"))
 
-    return load_file(str(Path(folder) / f"{stem}.safetensors"))
+
+class Reader:
+    """Reads any element range of any stored tensor, opening only the files that hold it."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        self.folder, self.manifest, self.tensors = Path(folder), manifest, manifest["tensors"]
+        self._open: dict[str, Any] = {}
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return [k for k in self.tensors if k.startswith(prefix)]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key]["shape"])
+
+    def read_into(self, key: str, lo: int, hi: int, out: torch.Tensor) -> None:
+        """Fill the 1-D `out` (hi - lo elements) with elements [lo, hi) of `key`."""
+        if key not in self.tensors:
+            raise CheckpointError(f"{self.folder}: no tensor '{key}' (the checkpoint is for another model or "
+                                  "optimizer)")
+        for file, a, b in self.tensors[key]["parts"]:
+            start, stop = max(a, lo), min(b, hi)
+            if start < stop:
+                piece = self._file(file).get_slice(f"{key}@{a}")[start - a:stop - a]
+                out[start - lo:stop - lo].copy_(piece)
+
+    def full(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        shape = self.shape(key)
+        file, a, _ = self.tensors[key]["parts"][0]
+        dtype = dtype or self._file(file).get_slice(f"{key}@{a}")[0:0].dtype
+        out = torch.empty(int(torch.tensor(shape).prod()) if shape else 1, dtype=dtype)
+        self.read_into(key, 0, out.numel(), out)
+        return out.view(shape)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Full tensors of every key under `prefix` (e.g. 'ema/'), keyed by the rest of the name."""
+        return {k[len(prefix):]: self.full(k) for k in self.keys(prefix)}
+
+    def _file(self, name: str):
+        from safetensors import safe_open
+
+        if name not in self._open:
+            self._open[name] = safe_open(str(self.folder / name), framework="pt")
+        return self._open[name]
+
+
+def _check_coverage(key: str, entry: dict[str, Any]) -> None:
+    numel = 1
+    for d in entry["shape"]:
+        numel *= d
+    covered = 0
+    for _, lo, hi in sorted(entry["parts"], key=lambda p: p[1]):
+        if lo > covered:
+            break
+        covered = max(covered, hi)
+    if covered < numel:
+        raise CheckpointError(f"internal error: the ranks wrote elements [0, {covered}) of {key}, not all {numel}")
 
 
 def _sha256(path: Path) -> str:
@@ -91,9 +237,3 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    for file in folder.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())

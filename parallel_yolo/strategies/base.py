@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -20,9 +21,37 @@ from .. import memory
 from ..dist import DistEnv
 from ..precision import PrecisionPolicy
 
-__all__ = ["Strategy", "ReplicatedEMA", "MAX_GRAD_NORM"]
+__all__ = ["Strategy", "ReplicatedEMA", "ParamShard", "OptimizerSpan", "MAX_GRAD_NORM"]
 
 MAX_GRAD_NORM = 10.0  # Ultralytics' optimizer_step clips at 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerSpan:
+    """Where the optimizer state of elements [lo, hi) of a parameter lives on this rank: in the state of the
+    tensor `key` (what the inner torch optimizer steps: the parameter, or a flat ZeRO partition), from `offset`."""
+
+    lo: int
+    hi: int
+    key: torch.Tensor
+    offset: int
+    share: tuple[int, int] = (0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamShard:
+    """The part of one parameter a rank holds: flat elements [lo, hi) of the full tensor, in `values` (a 1-D view
+    into live storage). `share=(i, n)`: n ranks hold the same range and this one writes the i-th part of it.
+    `full`: a whole-tensor copy the backend also keeps (ZeRO-3 persistent parameters), refreshed on load."""
+
+    name: str
+    shape: tuple[int, ...]
+    lo: int
+    hi: int
+    values: torch.Tensor
+    share: tuple[int, int]
+    optimizer: OptimizerSpan | None
+    full: torch.Tensor | None = None
 
 
 class Strategy:
@@ -135,9 +164,14 @@ class Strategy:
         return self.optimizer.param_groups
 
     # ---- buffers, EMA and state ----------------------------------------------------------------------------------
-    def sync_buffers(self, module: nn.Module | None = None) -> None:
-        """Average floating-point buffers (BatchNorm running stats) over ranks so every rank holds the same values."""
-        self.average_over_ranks((module or self.raw_model).buffers())
+    def averaged_buffers(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Copies of the buffers (BatchNorm running stats) averaged over ranks: identical on every rank.
+
+        Each rank's own buffers are left as they are, so validating or saving never changes the training run.
+        """
+        copies = {k: b.detach().clone() for k, b in (module or self.raw_model).named_buffers()}
+        self.average_over_ranks(copies.values())
+        return copies
 
     def average_over_ranks(self, tensors: Iterable[torch.Tensor]) -> None:
         """In-place mean over ranks of the floating-point tensors given (replicated tensors only)."""
@@ -148,10 +182,20 @@ class Strategy:
                 dist.all_reduce(tensor)
                 tensor /= self.world_size
 
+    def param_shards(self) -> list[ParamShard]:
+        """What this rank holds of every parameter and of its optimizer state (checkpoints read and write these)."""
+        share = (self.rank, self.world_size)
+        return [ParamShard(name, tuple(p.shape), 0, p.numel(), p.data.view(-1), share,
+                           OptimizerSpan(0, p.numel(), p, 0, share))
+                for name, p in self.raw_model.named_parameters()]
+
+    def after_load(self) -> None:
+        """Refresh whatever the backend derives from the parameters (ZeRO's fp32 master partitions)."""
+
     def memory_report(self, ema: Any) -> dict[str, int]:
         """Bytes this rank holds by category (unique storages) and its peak memory; see parallel_yolo.memory."""
         grads = [p.grad for p in self.raw_model.parameters()] + self._extra_grad_tensors()
-        state = [t for s in self._inner_optimizer().state.values() for t in s.values()]
+        state = [t for s in self.inner_optimizer().state.values() for t in s.values()]
         return memory.report(params=self._local_params(), grads=grads, optimizer_state=state,
                              ema=ema.tensors(), baseline=self.baseline_rss, device=self.device)
 
@@ -162,15 +206,16 @@ class Strategy:
         """Gradient storage a backend keeps outside `param.grad` (buckets, flat partitions)."""
         return []
 
-    def _inner_optimizer(self) -> torch.optim.Optimizer:
+    def inner_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 
     def make_ema(self) -> ReplicatedEMA:
         return ReplicatedEMA(self)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's state dict on CPU (collective under sharded strategies)."""
-        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        """The whole model's state dict on CPU, buffers averaged over ranks (a collective)."""
+        buffers = self.averaged_buffers()
+        return {k: buffers.get(k, v).detach().cpu() for k, v in self.raw_model.state_dict().items()}
 
 
 class ReplicatedEMA:
@@ -186,6 +231,10 @@ class ReplicatedEMA:
     def updates(self) -> int:
         return self._ema.updates
 
+    @updates.setter
+    def updates(self, value: int) -> None:
+        self._ema.updates = value
+
     def update(self) -> None:
         self._ema.update(self.strategy.raw_model)
 
@@ -195,7 +244,16 @@ class ReplicatedEMA:
     def tensors(self) -> list[torch.Tensor]:
         return list(self._ema.ema.state_dict().values())
 
+    def param_view(self, name: str, lo: int, hi: int) -> torch.Tensor:
+        return self._ema.ema.get_parameter(name).data.view(-1)[lo:hi]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return dict(self._ema.ema.named_buffers())
+
     def full_model(self) -> nn.Module:
-        """The EMA model for validation and export; buffers averaged over ranks first."""
-        self.strategy.sync_buffers(self._ema.ema)
-        return self._ema.ema
+        """A copy of the EMA model for validation and export, its buffers averaged over ranks (collective)."""
+        from copy import deepcopy
+
+        model = deepcopy(self._ema.ema)
+        self.strategy.average_over_ranks(model.buffers())
+        return model

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..ema import ShardedEMA
-from .base import MAX_GRAD_NORM, Strategy
+from .base import MAX_GRAD_NORM, OptimizerSpan, ParamShard, Strategy
 from .registry import register
 
 __all__ = ["Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy", "import_deepspeed"]
@@ -84,7 +84,7 @@ class ZeroStrategy(Strategy):
         if not self._boundary:
             self.model.step()  # a micro-step: DeepSpeed accumulates and takes no optimizer step
 
-    def _inner_optimizer(self) -> torch.optim.Optimizer:
+    def inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)  # the torch optimizer inside ZeRO's wrapper
 
     def _wrapper_tensors(self, *attrs: str) -> list[torch.Tensor]:
@@ -103,6 +103,33 @@ class ZeroStrategy(Strategy):
     def _extra_grad_tensors(self) -> list[torch.Tensor]:
         return self._wrapper_tensors("averaged_gradients", "ipg_buffer", "grads_in_partition")
 
+    def param_shards(self) -> list[ParamShard]:
+        """Stages 1 and 2: every rank holds the whole model, but the optimizer state of only its partition of
+        each param group's flat buffer, which may start or end inside a parameter."""
+        opt = self.optimizer
+        spans = {}
+        for i, params in enumerate(opt.bit16_groups):
+            flat, part = opt.bit16_groups_flat[i], self._partition(i)
+            start = _offset(part, flat)
+            end = start + part.numel()
+            for p in params:
+                off = _offset(p.data, flat)
+                a, b = max(off, start), min(off + p.numel(), end)
+                if a < b:
+                    spans[id(p)] = OptimizerSpan(a - off, b - off, opt.single_partition_of_fp32_groups[i], a - start)
+        share = (self.rank, self.world_size)
+        return [ParamShard(name, tuple(p.shape), 0, p.numel(), p.data.view(-1), share, spans.get(id(p)))
+                for name, p in self._raw.named_parameters()]
+
+    def after_load(self) -> None:
+        for i, master in enumerate(self.optimizer.single_partition_of_fp32_groups):
+            master.data.copy_(self._partition(i))
+
+    def _partition(self, group: int) -> torch.Tensor:
+        """This rank's partition of param group `group`'s flat weights (a view)."""
+        opt = self.optimizer
+        return opt.parallel_partitioned_bit16_groups[group][dist.get_rank(group=opt.real_dp_process_group[group])]
+
     def step(self) -> tuple[float, bool]:
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()  # clips to the global norm over all partitions, steps, zeroes gradients
@@ -111,6 +138,16 @@ class ZeroStrategy(Strategy):
         finite = math.isfinite(norm)
         self.skipped_steps += not finite
         return norm, finite
+
+
+def _offset(tensor: torch.Tensor, flat: torch.Tensor) -> int:
+    """Element offset of a view inside the flat buffer it was cut from."""
+    return (tensor.data_ptr() - flat.data_ptr()) // tensor.element_size()
+
+
+def _inside(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
+    return 0 <= _offset(tensor, flat) and _offset(tensor, flat) + tensor.numel() <= flat.numel() \
+        and tensor.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
 @register
@@ -146,7 +183,29 @@ class Zero3Strategy(ZeroStrategy):
         return {k: out[k] for k in state_keys if k in out}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.assemble(self.local_state())
+        return self.assemble({**self.local_state(), **self.averaged_buffers()})
+
+    def param_shards(self) -> list[ParamShard]:
+        """Each parameter is cut into equal flat slices (the last padded); rank r holds slice r in `ds_tensor`,
+        a view into one of ZeRO's flat sub-group partitions, whose fp32 master copy the optimizer steps."""
+        opt, rank = self.optimizer, dist.get_rank(group=self.optimizer.dp_process_group)
+        shards = []
+        for name, p in self._raw.named_parameters():
+            part = p.ds_tensor
+            lo = min(rank * part.numel(), p.ds_numel)
+            hi = min(lo + part.numel(), p.ds_numel)
+            # a parameter the optimizer does not train (DFL's fixed conv) sits in no flat partition
+            span = next((OptimizerSpan(lo, hi, opt.fp32_partitioned_groups_flat[j], _offset(part, flat))
+                         for j, flat in enumerate(opt.fp16_partitioned_groups_flat) if _inside(part, flat)), None)
+            shards.append(ParamShard(name, tuple(p.ds_shape), lo, hi, part.data.view(-1)[:hi - lo], (0, 1), span,
+                                     full=p.data.view(-1) if getattr(p, "ds_persist", False) else None))
+        return shards
+
+    def after_load(self) -> None:
+        opt = self.optimizer
+        for low, master in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+            if master.data_ptr() != low.data_ptr():
+                master.data.copy_(low)
 
     def _local_params(self) -> list[torch.Tensor]:
         return [p.ds_tensor for p in self._raw.parameters()] + self._wrapper_tensors("fp32_partitioned_groups_flat")

@@ -12,14 +12,16 @@ by itself. The price is fp32 all-gathers, twice the bytes of bf16 ones.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..ema import ShardedEMA
-from .base import Strategy
+from .base import OptimizerSpan, ParamShard, Strategy
 from .registry import register
 
 __all__ = ["FSDPStrategy", "FSDPGradOpStrategy", "HSDPStrategy"]
@@ -85,13 +87,36 @@ class FSDPStrategy(Strategy):
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.assemble(self.local_state())
+        return self.assemble({**self.local_state(), **self.averaged_buffers()})
+
+    def param_shards(self) -> list[ParamShard]:
+        """FSDP2 shards dim 0 into contiguous row blocks, so each local shard is one flat range of the tensor;
+        optimizer state is sharded exactly like its parameter. Under hsdp the replicas split the writing."""
+        shards = []
+        for name, p in self.model.named_parameters():
+            local = p.to_local()
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            lo = offset[0] * math.prod(p.shape[1:]) if p.dim() else 0
+            share = _replica_share(p)
+            shards.append(ParamShard(name, tuple(p.shape), lo, lo + local.numel(), local.view(-1), share,
+                                     OptimizerSpan(lo, lo + local.numel(), p, 0, share)))
+        return shards
 
     def _local_params(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.model.parameters()]
 
     def make_ema(self) -> ShardedEMA:
         return ShardedEMA(self)
+
+
+def _replica_share(p: DTensor) -> tuple[int, int]:
+    """(index, count) of this rank among the ranks that hold the same shard (the Replicate mesh dimensions)."""
+    index, count = 0, 1
+    for dim, placement in enumerate(p.placements):
+        if placement.is_replicate():
+            index = index * p.device_mesh.size(dim) + p.device_mesh.get_local_rank(dim)
+            count *= p.device_mesh.size(dim)
+    return index, count
 
 
 @register

@@ -10,7 +10,7 @@ import yaml
 from ..config import ConfigError, TrainConfig
 from ..dist import DistEnv
 
-__all__ = ["REGISTRY", "register", "preset", "select"]
+__all__ = ["REGISTRY", "register", "preset", "select", "from_launcher"]
 
 REGISTRY: dict[str, type] = {}
 
@@ -50,6 +50,11 @@ def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tu
         raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm refuses CPU tensors); drop sync_bn "
                           "on CPU")
     return name, precision
+
+
+def from_launcher(env: DistEnv) -> tuple[str | None, str | None]:
+    """(strategy, precision) that the launcher's accelerate config asks for, None where it says nothing."""
+    return _from_accelerate(env.accelerate or {})
 
 
 def _from_accelerate(acc: dict[str, str]) -> tuple[str | None, str | None]:

@@ -1,5 +1,5 @@
-"""Per-rank state after real steps, for every distributed strategy on 2 gloo processes: BatchNorm buffers equal
-on every rank after sync_buffers, the full state dict and the assembled EMA identical on every rank, and
+"""Per-rank state after real steps, for every distributed strategy on 2 gloo processes: BatchNorm buffers averaged
+over ranks (without touching each rank's own) in the full state dict and the assembled EMA identical on every rank, and
 Ultralytics' three param groups (with their own lr and weight decay) still in the optimizer."""
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
             strategy.step()
             ema.update()
         buffers = [b.clone() for b in strategy.raw_model.buffers() if b.is_floating_point()]
-        strategy.sync_buffers()
-        synced = [b.clone() for b in strategy.raw_model.buffers() if b.is_floating_point()]
         full = strategy.full_state_dict()
+        synced = [full[k] for k, b in strategy.raw_model.named_buffers() if b.is_floating_point()]
+        untouched = all(torch.equal(a, b) for a, b in zip(buffers, (b for b in strategy.raw_model.buffers()
+                                                                      if b.is_floating_point())))
+        assert untouched, "averaging for a checkpoint changed the rank's own running statistics"
         ema_state = ema.full_model().state_dict()
         groups = [(g.get("param_group"), g["lr"], g["weight_decay"]) for g in strategy.param_groups()]
         gathered = [None] * world

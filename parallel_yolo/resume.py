@@ -1,0 +1,103 @@
+"""`resume=true|DIR`: find the checkpoint to continue from and the configuration to continue with.
+
+Runs before any process group exists (and before a self-launch), so a missing, corrupted or finished checkpoint
+is reported as one line. The run continues with the settings it was trained with; keys given on the command line
+override them, which is how a run moves to another strategy, world size or precision.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .config import ConfigError, TrainConfig, build, read_overrides
+
+__all__ = ["resolve", "run_folder_of", "candidates"]
+
+# settings that belong to the new launch, not to the run being continued
+_NOT_INHERITED = {"resume", "device", "exist_ok", "project", "name"}
+
+
+def resolve(tokens: list[str], *, launched: bool, world_size: int,
+            launcher_choice: tuple[str | None, str | None]) -> TrainConfig:
+    """The TrainConfig of a resumed run, its `resume` set to the checkpoint folder to load.
+
+    On another world size the images per forward pass (micro_batch) stay what they were, when they still divide
+    each process's share: BatchNorm normalises over exactly those images, so this keeps the run's numerics.
+    """
+    given = read_overrides(tokens)
+    cfg = build(TrainConfig, given)
+    chosen, manifest, skipped = checkpoint_to_resume(cfg.resume, project=cfg.project)
+    for problem in skipped:
+        print(f"parallel-yolo: warning: {problem}; resuming from {chosen} instead", file=sys.stderr, flush=True)
+    inherited = {k: v for k, v in manifest["train_args"].items() if k not in _NOT_INHERITED}
+    for key in ("model", "data"):
+        if key in given and str(given[key]) != str(inherited.get(key)):
+            raise ConfigError(f"{key}={given[key]}: {chosen} was trained with {key}={inherited.get(key)} and a resumed "
+                              f"run keeps it; drop {key}=, or consolidate the checkpoint to a .pt and start a new run "
+                              "with model=THAT.pt")
+    if launched:
+        inherited.pop("nproc", None)  # the launcher decides the world size now
+    for key, from_launcher in zip(("strategy", "precision"), launcher_choice):
+        if from_launcher:
+            inherited.pop(key, None)  # the accelerate config decides
+    world = world_size if launched else given.get("nproc") or inherited.get("nproc") or 1
+    micro = manifest.get("micro_batch")
+    if "micro_batch" not in given and micro and {**inherited, **given}.get("batch", 0) % (world * micro) == 0:
+        inherited["micro_batch"] = micro
+    resumed = build(TrainConfig, {**inherited, **given, "resume": str(chosen)})
+    _refuse_finished(resumed, manifest, chosen)
+    return resumed
+
+
+def checkpoint_to_resume(resume: bool | str, *, project: str) -> tuple[Path, dict[str, Any], list[str]]:
+    """(checkpoint folder, its verified manifest, why newer or named ones were passed over)."""
+    if resume is True:
+        runs = {m.parent.parent.parent for m in Path(project).glob("*/*/*/manifest.json")
+                if m.parent.parent.name in ("weights", "checkpoints")}
+        if not runs:
+            raise ConfigError(f"resume=true: no checkpoint under project={project}; pass resume=RUN_FOLDER")
+        newest = max(runs, key=lambda run: max(m.stat().st_mtime for m in run.glob("*/*/manifest.json")))
+        return _newest_intact(candidates(newest))
+    path = Path(str(resume))
+    if (path / "weights").is_dir() or (path / "checkpoints").is_dir():
+        return _newest_intact(candidates(path))
+    try:
+        return path, checkpoint.load_manifest(path), []
+    except checkpoint.CheckpointError as e:
+        run = run_folder_of(path)
+        if run is None:
+            raise ConfigError(f"resume={resume}: {e}") from None
+        chosen, manifest, skipped = _newest_intact([c for c in candidates(run) if c != path])
+        return chosen, manifest, [str(e), *skipped]
+
+
+def candidates(run: Path) -> list[Path]:
+    """Every checkpoint folder of a run folder."""
+    # .last.old-PID: the previous `last` when a save died between swapping the new one in and deleting the old
+    return [p for p in (run / "weights" / "last", run / "weights" / "best", *(run / "checkpoints").glob("step_*"),
+                        *(run / "weights").glob(f".*{checkpoint.OLD_MARK}*")) if p.is_dir()]
+
+
+def run_folder_of(folder: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (weights/last, weights/best, checkpoints/step_N), if it is in one."""
+    folder = Path(folder).resolve()
+    return folder.parent.parent if folder.parent.name in ("weights", "checkpoints") else None
+
+
+def _newest_intact(folders: list[Path]) -> tuple[Path, dict[str, Any], list[str]]:
+    try:
+        return checkpoint.newest_intact(folders)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"resume: {e}") from None
+
+
+def _refuse_finished(cfg: TrainConfig, manifest: dict[str, Any], chosen: Path) -> None:
+    if cfg.max_steps and manifest["step"] >= cfg.max_steps:
+        raise ConfigError(f"resume: {chosen} is at step {manifest['step']}, already max_steps={cfg.max_steps}; "
+                          "raise max_steps= (or drop it) to train further")
+    if manifest["epoch"] >= cfg.epochs or (manifest["done"] and cfg.epochs <= manifest["train_args"]["epochs"]):
+        raise ConfigError(f"resume: {chosen} finished all {cfg.epochs} epochs; raise epochs= to train further, "
+                          "or start a new run without resume=")

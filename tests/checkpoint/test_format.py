@@ -1,0 +1,99 @@
+"""The checkpoint folder: what is in it, corruption detected and skipped, a checkpoint of another model refused,
+and a process killed while saving never damaging what was saved before."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TINY, check, run_cli
+
+from parallel_yolo import checkpoint
+
+RUN = [*TINY, "batch=8", "nbs=8", "fraction=0.125", "epochs=2", "val=false", "ckpt_every=2", "max_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    project = tmp_path_factory.mktemp("format")
+    check(run_cli("train", *RUN, "strategy=zero2", "nproc=2", f"project={project}", "name=run", cwd=project))
+    return project / "run"
+
+
+@pytest.mark.slow
+def test_every_rank_writes_its_part_and_the_manifest_lists_everything(run):
+    folder = run / "weights" / "last"
+    manifest = checkpoint.load_manifest(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "rank00000.safetensors",
+                                                        "rank00001.safetensors"]
+    sizes = [info["bytes"] for info in manifest["files"].values()]
+    assert min(sizes) > 0.4 * max(sizes)  # replicated weights are split too, not written by rank 0 alone
+    for key in ("strategy", "precision", "world_size", "step", "epoch", "batch", "model_yaml", "nc", "names",
+                "train_args", "ranks", "ema_updates", "best_fitness", "scaler"):
+        assert key in manifest, key
+    assert manifest["step"] == 4 and manifest["world_size"] == 2 and len(manifest["ranks"]) == 2
+    kinds = {key.split("/")[0] for key in manifest["tensors"]}
+    assert kinds == {"model", "ema", "optim", "rank0", "rank1"}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+
+@pytest.mark.slow
+def test_corrupted_shard_is_named_and_resume_falls_back(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for name in ("weights/last", "weights/best", "checkpoints/step_4"):
+        shard = copy / name / "rank00001.safetensors"
+        shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    result = run_cli("val", f"checkpoint={copy / 'weights' / 'last'}", cwd=tmp_path)
+    assert result.returncode == 2 and "rank00001.safetensors" in result.stderr and "Traceback" not in result.stderr
+    result = check(run_cli("train", f"resume={copy}", "max_steps=5", cwd=tmp_path))
+    assert "rank00001.safetensors" in result.stderr and f"resuming from {copy / 'checkpoints' / 'step_2'}" in \
+        result.stderr
+    assert "at step 2" in result.stdout and checkpoint.load_manifest(copy / "weights" / "last")["step"] == 5
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(run, tmp_path):
+    last = run / "weights" / "last"
+    result = run_cli("train", f"resume={last}", "model=yolov8s.yaml", "max_steps=6", cwd=tmp_path)
+    assert result.returncode == 2 and "trained with model=yolov8n.yaml" in result.stderr
+    result = run_cli("train", f"resume={last}", "max_steps=4", cwd=tmp_path)
+    assert result.returncode == 2 and "max_steps=4" in result.stderr  # nothing left to do: said, not re-run
+    result = run_cli("val", f"checkpoint={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 2 and "manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_killed_during_a_save_leaves_the_previous_checkpoints_intact(tmp_path):
+    # yolov8m makes every save take long enough to be caught in the middle of it
+    command = [sys.executable, "-m", "parallel_yolo", "train", *RUN, "model=yolov8m.yaml", "ckpt_every=1",
+               "max_steps=8", "keep_last=10", "strategy=ddp", "nproc=2", f"project={tmp_path}", "name=run"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    checkpoints, deadline = tmp_path / "run" / "checkpoints", time.time() + 300
+    try:
+        while time.time() < deadline and process.poll() is None:
+            partial = [p for p in checkpoints.glob(".step_*") if any(p.glob("rank*"))]
+            if partial and any(checkpoints.glob("step_*")):
+                break
+            time.sleep(0.005)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert partial, "the run ended before a save could be interrupted"
+    saved = sorted(checkpoints.glob("step_*"))
+    for folder in saved:
+        checkpoint.load_manifest(folder)  # complete and uncorrupted
+    assert not (partial[0] / "manifest.json").exists()
+    newest = max(int(p.name[5:]) for p in saved)
+    result = check(run_cli("train", f"resume={tmp_path / 'run'}", f"max_steps={newest + 1}", cwd=tmp_path))
+    assert f"at step {newest}" in result.stdout
+    assert not list(checkpoints.glob(".step_*")), "the half-written folder is cleaned up by the next save"
+    assert json.loads((checkpoints / f"step_{newest + 1}" / "manifest.json").read_text())["step"] == newest + 1
