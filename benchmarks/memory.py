@@ -19,7 +19,7 @@ from pathlib import Path
 from parallel_yolo.data import demo_dataset
 
 
-def _tiny_val_data(folder: Path) -> Path:
+def tiny_val_data(folder: Path) -> Path:
     demo = demo_dataset().parent
     for sub in ("images", "labels"):
         (folder / sub / "val").mkdir(parents=True)
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> None:
             "strategies": "ddp,zero1,zero2,zero3,fsdp"}
     args.update(a.split("=", 1) for a in argv)
     work = Path(tempfile.mkdtemp(prefix="pyolo-mem-"))
-    data = _tiny_val_data(work / "data")
+    data = tiny_val_data(work / "data")
     rows = []
     for strategy in args["strategies"].split(","):
         command = [sys.executable, "-m", "parallel_yolo", "train", f"model={args['model']}", f"data={data}",

@@ -100,7 +100,9 @@ class Trainer:
         if manifest["optimizer"] != optimizer:
             raise checkpoint.CheckpointError(f"{folder} was trained with {manifest['optimizer']}, this run builds "
                                              f"{optimizer}; resume with optimizer={manifest['train_args']['optimizer']}")
+        start = time.time()
         ckpt_state.load(folder, manifest, strategy=self.strategy, ema=self.ema)
+        loaded = max(self.strategy.gather_object(time.time() - start))
         self.step, self.best_fitness, self.last_opt = manifest["step"], manifest["best_fitness"], manifest["last_opt"]
         self.position, self.ema.updates = (manifest["epoch"], manifest["batch"]), manifest["ema_updates"]
         self.strategy.skipped_steps = manifest["skipped_steps"]
@@ -112,7 +114,7 @@ class Trainer:
             if hasattr(self.criterion, "update"):
                 self.criterion.update()  # end-to-end heads decay their one-to-many weight once per epoch
         self._say(f"resumed from {folder}: {manifest['strategy']} x{manifest['world_size']} at step {self.step}, "
-                  f"epoch {manifest['epoch'] + 1} batch {manifest['batch']}")
+                  f"epoch {manifest['epoch'] + 1} batch {manifest['batch']} (loaded in {loaded:.2f}s, slowest rank)")
         return run_folder_of(folder) or folder.parent
 
     def _build_loaders(self) -> None:
@@ -260,7 +262,7 @@ class Trainer:
     def _save(self, folder: Path, *, fitness: float | None, done: bool = False) -> None:
         """A sharded checkpoint of the whole training state, every rank writing its own part (a collective)."""
         strategy, model = self.strategy, self.strategy.raw_model
-        epoch, batch = self.position
+        epoch, batch, start = *self.position, time.time()
         ckpt_state.save(folder, strategy=strategy, ema=self.ema, buffers=self.step_buffers,
                         rank_meta=ckpt_state.rng_state(), meta={"done": done,
             "strategy": strategy.name, "precision": strategy.precision.name, "world_size": strategy.world_size,
@@ -270,6 +272,7 @@ class Trainer:
             "optimizer": type(strategy.inner_optimizer()).__name__, "loss_names": list(self.loss_names),
             "model_yaml": model.yaml, "nc": self.data["nc"], "names": self.data["names"], "imgsz": self.imgsz,
             "train_args": self.cfg.to_dict()})
+        self._say(f"saved {folder} in {time.time() - start:.2f}s")
 
     def _say(self, message: str) -> None:
         if self.strategy.is_main:
