@@ -176,7 +176,9 @@ class SeededSamples(Dataset):
         _draw_mosaic_partners_from_whole_dataset(self.dataset.transforms)
 
     def __getattr__(self, name: str):
-        return getattr(self.__dict__["dataset"], name)  # labels, collate_fn, ...: the YOLODataset's own
+        if name == "dataset":  # not set yet (unpickling in a worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)  # labels, collate_fn, ...: the YOLODataset's own
 
 
 def _draw_mosaic_partners_from_whole_dataset(transform) -> None:

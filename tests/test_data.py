@@ -52,16 +52,20 @@ def test_sampler_resumes_mid_epoch_with_the_same_samples_and_seeds():
     assert len(set(seeds)) == len(seeds)  # every sample its own augmentation seed
 
 
-def test_samples_are_augmented_the_same_whatever_was_loaded_before():
+def _demo_train_set():
     from ultralytics.data.build import build_yolo_dataset
+
     from parallel_yolo import yolo
     from parallel_yolo.config import TrainConfig
 
-    cfg = TrainConfig(imgsz=64, batch=4)
-    hyp = yolo.hyp_namespace(cfg)
+    hyp = yolo.hyp_namespace(TrainConfig(imgsz=64, batch=4))
     hyp.imgsz = 64
     spec = data.resolve_dataset("demo")
-    samples = data.SeededSamples(build_yolo_dataset(hyp, spec["train"], 4, spec, mode="train", stride=32))
+    return build_yolo_dataset(hyp, spec["train"], 4, spec, mode="train", stride=32)
+
+
+def test_samples_are_augmented_the_same_whatever_was_loaded_before():
+    samples = data.SeededSamples(_demo_train_set())
     first = samples[(7, 3)]["img"]
     for key in ((1, 0), (2, 5), (3, 9)):
         samples[key]
@@ -78,3 +82,12 @@ def test_split_batch_reindexes_boxes():
     assert first["batch_idx"].tolist() == [0, 1] and second["batch_idx"].tolist() == [1, 1]
     assert second["cls"].flatten().tolist() == [2, 0] and second["im_file"] == ["c", "d"]
     assert torch.equal(second["bboxes"], batch["bboxes"][2:])
+
+
+def test_batches_do_not_depend_on_the_number_of_workers():
+    dataset = _demo_train_set()
+    batches = {}
+    for workers in (0, 2):
+        loader = data.train_loader(dataset, batch=8, rank=1, world_size=2, workers=workers, seed=3)
+        batches[workers] = [batch["img"] for _, batch in zip(range(3), loader)]
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))

@@ -93,7 +93,8 @@ def test_killed_during_a_save_leaves_the_previous_checkpoints_intact(tmp_path):
         checkpoint.load_manifest(folder)  # complete and uncorrupted
     assert not (partial[0] / "manifest.json").exists()
     newest = max(int(p.name[5:]) for p in saved)
-    result = check(run_cli("train", f"resume={tmp_path / 'run'}", f"max_steps={newest + 1}", cwd=tmp_path))
+    # resume=true: the newest run under the project
+    result = check(run_cli("train", "resume=true", f"project={tmp_path}", f"max_steps={newest + 1}", cwd=tmp_path))
     assert f"at step {newest}" in result.stdout
     assert not list(checkpoints.glob(".step_*")), "the half-written folder is cleaned up by the next save"
     assert json.loads((checkpoints / f"step_{newest + 1}" / "manifest.json").read_text())["step"] == newest + 1

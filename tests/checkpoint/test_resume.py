@@ -1,8 +1,11 @@
 """Exact resume under every strategy, and resharding to another strategy and world size.
 
-Each strategy trains 8 optimizer steps (2 epochs, mosaic closing in the second) with a checkpoint every 3 steps.
-A copy resumed from step 3 must reproduce the uninterrupted run bit for bit: per-step losses, final weights,
-EMA and optimizer state. Resharded runs must continue with the next steps' losses of the uninterrupted run.
+Each strategy trains 6 optimizer steps (2 epochs of 3, mosaic closing in the second) with a checkpoint every 2
+steps. A copy resumed from step 2 (mid-epoch) must reproduce the uninterrupted run bit for bit: per-step losses,
+final weights, EMA and optimizer state. Resharded runs must continue with the next steps' losses of the
+uninterrupted run. fsdp_grad_op and zero3_offload checkpoint through fsdp's and zero3's code (the same
+`param_shards`), and their training equivalence is in tests/strategies/test_contract.py; they are left out here
+to keep the suite within its time.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from conftest import TINY, check, load_weights, read_csv, run_cli
 
 from parallel_yolo.strategies import REGISTRY
 
-RUN = [*TINY, "epochs=2", "close_mosaic=1", "batch=8", "nbs=8", "fraction=0.125", "val=false", "ckpt_every=3",
+RUN = [*TINY, "epochs=2", "close_mosaic=1", "batch=8", "nbs=8", "fraction=0.09", "val=false", "ckpt_every=2",
        "optimizer=AdamW", "lr0=0.002"]
 _runs: dict = {}
 
@@ -35,8 +38,8 @@ def resumed_copy(run, tmp_path, *args):
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "weights")
-    (copy / "steps.csv").write_text("".join((run / "steps.csv").read_text().splitlines(True)[:4]))  # header + 3
-    result = check(run_cli("train", f"resume={copy / 'checkpoints' / 'step_3'}", *args, cwd=tmp_path))
+    (copy / "steps.csv").write_text("".join((run / "steps.csv").read_text().splitlines(True)[:3]))  # header + 2
+    result = check(run_cli("train", f"resume={copy / 'checkpoints' / 'step_2'}", *args, cwd=tmp_path))
     return copy, result
 
 
@@ -45,13 +48,13 @@ def losses(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", sorted(REGISTRY))
+@pytest.mark.parametrize("strategy", sorted(set(REGISTRY) - {"fsdp_grad_op", "zero3_offload"}))
 def test_resume_reproduces_the_uninterrupted_run_exactly(strategy, tmp_path_factory, tmp_path):
     nproc = 1 if strategy == "single" else 2
     run = uninterrupted(tmp_path_factory, strategy, nproc)
     copy, result = resumed_copy(run, tmp_path)
-    assert "resumed from" in result.stdout and "at step 3, epoch 1 batch 3" in result.stdout
-    assert len(losses(run)) == 8 and losses(copy) == losses(run)
+    assert "resumed from" in result.stdout and "at step 2, epoch 1 batch 2" in result.stdout
+    assert len(losses(run)) == 6 and losses(copy) == losses(run)
     for stem in ("model", "ema", "optim"):
         full, again = load_weights(run / "weights" / "last", stem), load_weights(copy / "weights" / "last", stem)
         assert full.keys() == again.keys() and len(full) > 100
@@ -65,10 +68,10 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(strategy, tmp_path_fact
                          ids=lambda pair: f"{pair[0]}@{pair[1]}")
 def test_reshard_continues_with_the_same_losses(source, target, tmp_path_factory, tmp_path):
     run = uninterrupted(tmp_path_factory, *source)
-    copy, result = resumed_copy(run, tmp_path, f"strategy={target[0]}", f"nproc={target[1]}", "max_steps=5")
+    copy, result = resumed_copy(run, tmp_path, f"strategy={target[0]}", f"nproc={target[1]}", "max_steps=4")
     assert f"{target[0]} x{target[1]}" in result.stdout and "micro-batch 4" in result.stdout
-    expected, got = losses(run)[3:5], losses(copy)[3:]
-    # step 4 depends on the resharded weights, step 5 also on the resharded Adam moments (a fresh optimizer
+    expected, got = losses(run)[2:4], losses(copy)[2:]
+    # step 3 depends on the resharded weights, step 4 also on the resharded Adam moments (a fresh optimizer
     # would be off by tens of percent); what remains is summation order (another strategy or thread count)
     assert abs(got[0] - expected[0]) <= 1e-4 * expected[0], (got, expected)
     assert abs(got[1] - expected[1]) <= 1e-3 * expected[1], (got, expected)
