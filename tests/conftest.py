@@ -52,6 +52,28 @@ def load_weights(folder: Path, stem: str = "model") -> dict:
     return checkpoint.Reader(folder, checkpoint.load_manifest(folder)).state_dict(f"{stem}/")
 
 
+# Uninterrupted reference runs for tests/checkpoint, one per (strategy, processes): 6 optimizer steps (2 epochs of
+# 3 batches, mosaic on in the first and closed in the second), a checkpoint every 2 steps (step_2, step_4, step_6).
+CKPT_RUN = [*TINY, "epochs=2", "close_mosaic=1", "batch=8", "nbs=8", "fraction=0.09", "val=false", "ckpt_every=2",
+            "optimizer=AdamW", "lr0=0.002"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    runs = {}
+
+    def get(strategy: str, nproc: int):
+        if (strategy, nproc) not in runs:
+            project = tmp_path_factory.mktemp(f"{strategy}{nproc}")
+            extra = ["micro_batch=4"] if nproc == 1 else []  # the per-forward batch of the 2-process runs
+            check(run_cli("train", *CKPT_RUN, *extra, f"strategy={strategy}", f"nproc={nproc}",
+                          f"project={project}", "name=run", cwd=project))
+            runs[strategy, nproc] = project / "run"
+        return runs[strategy, nproc]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """A short demo training (2 processes, ddp) that detects something: mAP50 well above 0."""

@@ -11,18 +11,15 @@ import sys
 import time
 
 import pytest
-from conftest import TINY, check, run_cli
+from conftest import CKPT_RUN, check, run_cli
 
 from parallel_yolo import checkpoint
 
-RUN = [*TINY, "batch=8", "nbs=8", "fraction=0.125", "epochs=2", "val=false", "ckpt_every=2", "max_steps=4"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    project = tmp_path_factory.mktemp("format")
-    check(run_cli("train", *RUN, "strategy=zero2", "nproc=2", f"project={project}", "name=run", cwd=project))
-    return project / "run"
+@pytest.fixture
+def run(uninterrupted):
+    return uninterrupted("zero2", 2)
 
 
 @pytest.mark.slow
@@ -36,10 +33,10 @@ def test_every_rank_writes_its_part_and_the_manifest_lists_everything(run):
     for key in ("strategy", "precision", "world_size", "step", "epoch", "batch", "model_yaml", "nc", "names",
                 "train_args", "ranks", "ema_updates", "best_fitness", "scaler"):
         assert key in manifest, key
-    assert manifest["step"] == 4 and manifest["world_size"] == 2 and len(manifest["ranks"]) == 2
+    assert manifest["step"] == 6 and manifest["world_size"] == 2 and len(manifest["ranks"]) == 2
     kinds = {key.split("/")[0] for key in manifest["tensors"]}
     assert kinds == {"model", "ema", "optim", "rank0", "rank1"}
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4", "step_6"]
 
 
 @pytest.mark.slow
@@ -48,15 +45,15 @@ def test_corrupted_shard_is_named_and_resume_falls_back(run, tmp_path):
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    for name in ("weights/last", "weights/best", "checkpoints/step_4"):
+    for name in ("weights/last", "weights/best", "checkpoints/step_6"):
         shard = copy / name / "rank00001.safetensors"
         shard.write_bytes(shard.read_bytes()[:-100])  # truncated
     result = run_cli("val", f"checkpoint={copy / 'weights' / 'last'}", cwd=tmp_path)
     assert result.returncode == 2 and "rank00001.safetensors" in result.stderr and "Traceback" not in result.stderr
     result = check(run_cli("train", f"resume={copy}", "max_steps=5", cwd=tmp_path))
-    assert "rank00001.safetensors" in result.stderr and f"resuming from {copy / 'checkpoints' / 'step_2'}" in \
+    assert "rank00001.safetensors" in result.stderr and f"resuming from {copy / 'checkpoints' / 'step_4'}" in \
         result.stderr
-    assert "at step 2" in result.stdout and checkpoint.load_manifest(copy / "weights" / "last")["step"] == 5
+    assert "at step 4" in result.stdout and checkpoint.load_manifest(copy / "weights" / "last")["step"] == 5
 
 
 @pytest.mark.slow
@@ -72,9 +69,9 @@ def test_checkpoint_of_another_model_is_refused(run, tmp_path):
 
 @pytest.mark.slow
 def test_killed_during_a_save_leaves_the_previous_checkpoints_intact(tmp_path):
-    # yolov8m makes every save take long enough to be caught in the middle of it
-    command = [sys.executable, "-m", "parallel_yolo", "train", *RUN, "model=yolov8m.yaml", "ckpt_every=1",
-               "max_steps=8", "keep_last=10", "strategy=ddp", "nproc=2", f"project={tmp_path}", "name=run"]
+    # yolov8s makes every save take long enough to be caught in the middle of it
+    command = [sys.executable, "-m", "parallel_yolo", "train", *CKPT_RUN, "model=yolov8s.yaml", "epochs=4",
+               "ckpt_every=1", "keep_last=20", "strategy=ddp", "nproc=2", f"project={tmp_path}", "name=run"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     checkpoints, deadline = tmp_path / "run" / "checkpoints", time.time() + 300

@@ -1,7 +1,6 @@
 """Exact resume under every strategy, and resharding to another strategy and world size.
 
-Each strategy trains 6 optimizer steps (2 epochs of 3, mosaic closing in the second) with a checkpoint every 2
-steps. A copy resumed from step 2 (mid-epoch) must reproduce the uninterrupted run bit for bit: per-step losses,
+Each strategy's uninterrupted run (tests/conftest.py: 6 optimizer steps, a checkpoint every 2) is the reference. A copy resumed from step 2 (mid-epoch) must reproduce the uninterrupted run bit for bit: per-step losses,
 final weights, EMA and optimizer state. Resharded runs must continue with the next steps' losses of the
 uninterrupted run. fsdp_grad_op and zero3_offload checkpoint through fsdp's and zero3's code (the same
 `param_shards`), and their training equivalence is in tests/strategies/test_contract.py; they are left out here
@@ -14,25 +13,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY, check, load_weights, read_csv, run_cli
+from conftest import check, load_weights, read_csv, run_cli
 
 from parallel_yolo.strategies import REGISTRY
-
-RUN = [*TINY, "epochs=2", "close_mosaic=1", "batch=8", "nbs=8", "fraction=0.09", "val=false", "ckpt_every=2",
-       "optimizer=AdamW", "lr0=0.002"]
-_runs: dict = {}
-
-
-def uninterrupted(tmp_path_factory, strategy: str, nproc: int):
-    """One uninterrupted run per (strategy, nproc), shared by the tests of this module."""
-    if (strategy, nproc) not in _runs:
-        project = tmp_path_factory.mktemp(f"{strategy}{nproc}")
-        extra = ["micro_batch=4"] if nproc == 1 else []  # the per-forward batch of the 2-process runs
-        check(run_cli("train", *RUN, *extra, f"strategy={strategy}", f"nproc={nproc}", f"project={project}",
-                      "name=run", cwd=project))
-        _runs[strategy, nproc] = project / "run"
-    return _runs[strategy, nproc]
-
 
 def resumed_copy(run, tmp_path, *args):
     copy = tmp_path / "copy"
@@ -49,9 +32,8 @@ def losses(run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(set(REGISTRY) - {"fsdp_grad_op", "zero3_offload"}))
-def test_resume_reproduces_the_uninterrupted_run_exactly(strategy, tmp_path_factory, tmp_path):
-    nproc = 1 if strategy == "single" else 2
-    run = uninterrupted(tmp_path_factory, strategy, nproc)
+def test_resume_reproduces_the_uninterrupted_run_exactly(strategy, uninterrupted, tmp_path):
+    run = uninterrupted(strategy, 1 if strategy == "single" else 2)
     copy, result = resumed_copy(run, tmp_path)
     assert "resumed from" in result.stdout and "at step 2, epoch 1 batch 2" in result.stdout
     assert len(losses(run)) == 6 and losses(copy) == losses(run)
@@ -66,8 +48,8 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(strategy, tmp_path_fact
 @pytest.mark.parametrize("source, target", [(("zero3", 2), ("fsdp", 1)), (("fsdp", 2), ("ddp", 1)),
                                             (("ddp", 1), ("zero2", 2)), (("zero1", 2), ("zero3", 2))],
                          ids=lambda pair: f"{pair[0]}@{pair[1]}")
-def test_reshard_continues_with_the_same_losses(source, target, tmp_path_factory, tmp_path):
-    run = uninterrupted(tmp_path_factory, *source)
+def test_reshard_continues_with_the_same_losses(source, target, uninterrupted, tmp_path):
+    run = uninterrupted(*source)
     copy, result = resumed_copy(run, tmp_path, f"strategy={target[0]}", f"nproc={target[1]}", "max_steps=4")
     assert f"{target[0]} x{target[1]}" in result.stdout and "micro-batch 4" in result.stdout
     expected, got = losses(run)[2:4], losses(copy)[2:]
