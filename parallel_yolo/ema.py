@@ -49,9 +49,7 @@ class ShardedEMA:
         """A full, unsharded copy of the EMA model, buffers averaged over ranks (collective: every rank calls it)."""
         from ultralytics.nn.tasks import DetectionModel
 
-        buffers = {k: v.clone() for k, v in self.buffers().items()}
-        self.strategy.average_over_ranks(buffers.values())
-        state = self.strategy.assemble({**self.shadow, **buffers})
+        state = self.strategy.assemble({**self.shadow, **self.strategy.averaged_copies(self.buffers())})
         raw = self.strategy.raw_model
         model = DetectionModel(raw.yaml, nc=raw.nc, verbose=False).to(self.strategy.device)
         model.load_state_dict(state)

@@ -150,8 +150,6 @@ class Trainer:
             if cfg.close_mosaic and (epoch == close_at or epoch == first_epoch > close_at):
                 self.train_loader.dataset.close_mosaic(hyp=copy(self.hyp))
             epoch_loss, stop = self._train_epoch(epoch)
-            if self.position[1] == self.batches_per_epoch:
-                self.position = (epoch + 1, 0)
             if hasattr(self.criterion, "update"):
                 self.criterion.update()
             self.ema.update_attr()
@@ -196,15 +194,14 @@ class Trainer:
                 self._say(f"step {self.step + 1}: non-finite gradient norm ({norm}); optimizer step skipped")
             self.ema.update()  # as Ultralytics: the EMA follows even a skipped step
             self._snapshot_buffers()
-            self.step, iterations, self.last_opt, self.position = self.step + 1, ni - self.last_opt, ni, (epoch, i + 1)
+            self.step, iterations, self.last_opt = self.step + 1, ni - self.last_opt, ni
+            self.position = (epoch + 1, 0) if i + 1 == nb else (epoch, i + 1)
             losses = strategy.all_reduce(window / iterations, mean=True).tolist()
             elapsed, tick, window = time.time() - tick, time.time(), torch.zeros_like(window)
             self.log.step({"step": self.step, "epoch": epoch + 1, "loss": sum(losses), "lr": self.groups[0]["lr"],
                            "grad_norm": norm, "images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9),
                            **dict(zip(self.loss_names, losses))})
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
-                if i + 1 == nb:
-                    self.position = (epoch + 1, 0)
                 self._save(self.log.folder / "checkpoints" / f"step_{self.step}", fitness=None)
                 if strategy.is_main:
                     checkpoint.rotate(self.log.folder / "checkpoints", keep=self.cfg.keep_last)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -202,7 +203,7 @@ class Reader:
         shape = self.shape(key)
         file, a, _ = self.tensors[key]["parts"][0]
         dtype = dtype or self._file(file).get_slice(f"{key}@{a}")[0:0].dtype
-        out = torch.empty(int(torch.tensor(shape).prod()) if shape else 1, dtype=dtype)
+        out = torch.empty(math.prod(shape), dtype=dtype)
         self.read_into(key, 0, out.numel(), out)
         return out.view(shape)
 
@@ -219,10 +220,7 @@ class Reader:
 
 
 def _check_coverage(key: str, entry: dict[str, Any]) -> None:
-    numel = 1
-    for d in entry["shape"]:
-        numel *= d
-    covered = 0
+    numel, covered = math.prod(entry["shape"]), 0
     for _, lo, hi in sorted(entry["parts"], key=lambda p: p[1]):
         if lo > covered:
             break

@@ -116,8 +116,7 @@ def _buffer_slabs(strategy, prefix: str, live: dict[str, torch.Tensor], reader: 
     if reader:
         use = rank_prefix if own_buffers and reader.keys(f"{rank_prefix}/") else prefix
         return [Slab(f"{use}/{k}", tuple(b.shape), 0, b.numel(), b.view(-1)) for k, b in live.items()]
-    averaged = {k: b.detach().clone() for k, b in live.items()}
-    strategy.average_over_ranks(averaged.values())
+    averaged = strategy.averaged_copies(live)
     share = (strategy.rank, strategy.world_size)
     return ([Slab(f"{prefix}/{k}", tuple(b.shape), 0, b.numel(), b.view(-1), share) for k, b in averaged.items()]
             + [Slab(f"{rank_prefix}/{k}", tuple(b.shape), 0, b.numel(), b.view(-1)) for k, b in live.items()])

@@ -164,12 +164,12 @@ class Strategy:
         return self.optimizer.param_groups
 
     # ---- buffers, EMA and state ----------------------------------------------------------------------------------
-    def averaged_buffers(self, module: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Copies of the buffers (BatchNorm running stats) averaged over ranks: identical on every rank.
+    def averaged_copies(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of replicated tensors (BatchNorm running stats) averaged over ranks: identical on every rank.
 
-        Each rank's own buffers are left as they are, so validating or saving never changes the training run.
+        Each rank's own tensors are left as they are, so validating or saving never changes the training run.
         """
-        copies = {k: b.detach().clone() for k, b in (module or self.raw_model).named_buffers()}
+        copies = {k: t.detach().clone() for k, t in tensors.items()}
         self.average_over_ranks(copies.values())
         return copies
 
@@ -214,7 +214,7 @@ class Strategy:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on CPU, buffers averaged over ranks (a collective)."""
-        buffers = self.averaged_buffers()
+        buffers = self.averaged_copies(dict(self.raw_model.named_buffers()))
         return {k: buffers.get(k, v).detach().cpu() for k, v in self.raw_model.state_dict().items()}
 
 

@@ -183,7 +183,7 @@ class Zero3Strategy(ZeroStrategy):
         return {k: out[k] for k in state_keys if k in out}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.assemble({**self.local_state(), **self.averaged_buffers()})
+        return self.assemble({**self.local_state(), **self.averaged_copies(dict(self._raw.named_buffers()))})
 
     def param_shards(self) -> list[ParamShard]:
         """Each parameter is cut into equal flat slices (the last padded); rank r holds slice r in `ds_tensor`,

@@ -87,7 +87,7 @@ class FSDPStrategy(Strategy):
         return out
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.assemble({**self.local_state(), **self.averaged_buffers()})
+        return self.assemble({**self.local_state(), **self.averaged_copies(dict(self._raw.named_buffers()))})
 
     def param_shards(self) -> list[ParamShard]:
         """FSDP2 shards dim 0 into contiguous row blocks, so each local shard is one flat range of the tensor;
