@@ -16,7 +16,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-from memory import tiny_val_data
+from parallel_yolo.data import demo_dataset
+
+
+def tiny_val_data(folder: Path) -> Path:
+    demo = demo_dataset().parent
+    for sub in ("images", "labels"):
+        (folder / sub / "val").mkdir(parents=True)
+        for f in sorted((demo / sub / "val").iterdir())[:2]:
+            (folder / sub / "val" / f.name).symlink_to(f)
+    (folder / "images" / "train").symlink_to(demo / "images" / "train")
+    (folder / "labels" / "train").symlink_to(demo / "labels" / "train")
+    names = (demo / "data.yaml").read_text().split("names:")[1]
+    (folder / "data.yaml").write_text(f"path: {folder}\ntrain: images/train\nval: images/val\nnames:{names}")
+    return folder / "data.yaml"
 
 
 def _run(args: list[str]) -> str:

@@ -6,9 +6,12 @@ local processes through torch's elastic launcher, each of which runs this same e
 
 from __future__ import annotations
 
+import os
 import sys
 
-from .config import ConfigError, ConsolidateConfig, TrainConfig, ValConfig, parse_overrides
+from .config import (CompareConfig, ConfigError, ConsolidateConfig, TrainConfig, Unanimous, ValConfig,
+                     parse_overrides)
+from .heartbeat import PeerLost
 
 __all__ = ["main"]
 
@@ -19,6 +22,8 @@ commands:
                continue a run          e.g. parallel-yolo train resume=runs/detect/train strategy=ddp nproc=4
   val          evaluate a checkpoint   e.g. parallel-yolo val checkpoint=runs/detect/train/weights/best
   consolidate  one file from shards    e.g. parallel-yolo consolidate checkpoint=runs/detect/train/weights/best out=best.pt
+  compare      memory, communication and speed of strategies, measured beside theory
+                                       e.g. parallel-yolo compare model=yolov8x.yaml strategies=ddp,zero2,zero3,fsdp nproc=2
   help         this text and the keys of every command
 
 launch: add nproc=N for N local processes, or run under torchrun / accelerate launch / deepspeed.
@@ -36,39 +41,55 @@ def main(argv: list[str] | None = None) -> int:
             return _train(rest)
         if command == "val":
             return _val(rest)
+        if command == "compare":
+            from .compare import run_compare
+
+            run_compare(parse_overrides(rest, CompareConfig), rest)
+            return 0
         if command == "consolidate":
             from .consolidate import consolidate
 
             cfg = parse_overrides(rest, ConsolidateConfig)
             consolidate(checkpoint=cfg.checkpoint, out=cfg.out, weights=cfg.weights)
             return 0
-        raise ConfigError(f"unknown command '{command}'; use train, val, consolidate or help")
+        raise ConfigError(f"unknown command '{command}'; use train, val, consolidate, compare or help")
     except ConfigError as e:
-        print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
+        if not isinstance(e, Unanimous) or os.environ.get("RANK", "0") == "0":
+            print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except PeerLost as e:
+        print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         print("parallel-yolo: interrupted", file=sys.stderr)
         return 130
 
 
 def _train(tokens: list[str]) -> int:
-    from . import dist
+    from . import dist, resume
     from .trainer import preflight, train
 
     cfg = parse_overrides(tokens, TrainConfig)
     env = dist.read_env()
+    record = resume.launch_record(tokens, cfg.project) if env.launched else None
+    if env.launched and resume.restart_count():
+        tokens = resume.after_restart(tokens, record)
+        if tokens is None:
+            print("parallel-yolo: restarted after this launch had finished; nothing to do", file=sys.stderr)
+            return 0
+        cfg = parse_overrides(tokens, TrainConfig)
     if cfg.resume:
-        from .resume import resolve
         from .strategies.registry import from_launcher
 
-        cfg = resolve(tokens, launched=env.launched, world_size=env.world_size, launcher_choice=from_launcher(env))
+        cfg = resume.resolve(tokens, launched=env.launched, world_size=env.world_size,
+                             launcher_choice=from_launcher(env))
         tokens = [*tokens, f"resume={cfg.resume}"]  # the processes started below load this very checkpoint
     if cfg.nproc and env.launched and cfg.nproc != env.world_size:
         raise ConfigError(f"nproc={cfg.nproc} but the launcher started {env.world_size} processes; drop nproc=")
     if cfg.nproc and not env.launched:
         preflight(cfg, world_size=cfg.nproc)
-        return dist.launch_local(cfg.nproc, ["train", *tokens])
-    train(cfg)
+        return dist.launch_local(cfg.nproc, ["train", *tokens], max_restarts=cfg.max_restarts)
+    train(cfg, launch_record=record)
     return 0
 
 
@@ -88,8 +109,9 @@ def _keys_help() -> str:
     import dataclasses
 
     lines = []
-    for name, schema in (("train", TrainConfig), ("val", ValConfig), ("consolidate", ConsolidateConfig)):
-        keys = [f.name for f in dataclasses.fields(schema) if f.name != "hyp"]
+    for name, schema in (("train", TrainConfig), ("val", ValConfig), ("consolidate", ConsolidateConfig),
+                         ("compare", CompareConfig)):
+        keys = [f.name for f in dataclasses.fields(schema) if f.name != "hyp" and not f.name.startswith("_")]
         lines.append(f"\n{name} keys: " + ", ".join(keys))
     from .config import ULTRALYTICS_KEYS
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,10 @@ ULTRALYTICS_KEYS = {
 
 class ConfigError(ValueError):
     """A user mistake in the command or the recipe: reported as one line, exit code 2."""
+
+
+class Unanimous(ConfigError):
+    """A mistake every rank finds alike (the same inputs, or rank 0's finding broadcast): only rank 0 reports it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -88,6 +93,12 @@ class TrainConfig:
     """Also save a checkpoint every N optimizer steps (0: only at epoch ends)."""
     keep_last: int = 3
     sync_bn: bool = False
+    max_restarts: int = 0
+    """With nproc=N: restart all N processes up to this many times after one fails; the restarted group resumes
+    from the newest checkpoint this launch wrote. Under torchrun or accelerate launch use their --max-restarts."""
+    timeout: float = 1800.0
+    """Seconds a collective may wait for a peer before the run stops and names the rank that stopped answering.
+    Rank 0 alone builds the dataset caches while the others wait, so keep it above that on a large dataset."""
     hyp: dict[str, Any] = field(default_factory=dict)
     """Ultralytics hyper-parameters from ULTRALYTICS_KEYS that were set explicitly."""
 
@@ -95,6 +106,9 @@ class TrainConfig:
         _positive(self, "epochs", "batch", "imgsz")
         _at_least(self, 0, "workers", "close_mosaic", "ckpt_every", "warmup_epochs", "lr0", "lrf", "weight_decay")
         _at_least(self, 1, "keep_last")
+        _at_least(self, 0, "max_restarts")
+        if self.timeout < 10:
+            raise ConfigError(f"timeout={self.timeout:g}: collectives need at least 10 seconds; e.g. timeout=600")
         for key in ("micro_batch", "nproc", "max_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -181,6 +195,64 @@ class ConsolidateConfig:
         if not Path(self.checkpoint).is_dir():
             raise ConfigError(f"checkpoint={self.checkpoint}: not a checkpoint folder; pass a run's weights/last, "
                               "weights/best or checkpoints/step_N")
+
+
+@dataclass(kw_only=True, slots=True)
+class CompareConfig:
+    """What `parallel-yolo compare` accepts."""
+
+    model: str = "yolov8x.yaml"
+    strategies: str = "ddp,zero1,zero2,zero3,fsdp"
+    """Comma-separated strategies, measured one after the other on the same synthetic batch."""
+    nproc: int | None = None
+    imgsz: int = 320
+    batch: int = 4
+    """Global batch of the measured steps; two more steps at twice the batch extrapolate the activation memory."""
+    precision: str = "fp32"
+    steps: int = 5
+    """Measured optimizer steps per strategy (the first is a warm-up: not in the time or the bytes sent)."""
+    optimizer: str = "SGD"
+    """SGD, Adam or AdamW: the ZeRO formula's optimizer-state multiplier follows it."""
+    budget: str = "80GiB"
+    """Memory per GPU (per process on CPU) for the largest-batch estimate: 80GiB, 24GB, 512MiB ..."""
+    device: str | None = None
+    project: str = "runs/compare"
+    name: str = "compare"
+    exist_ok: bool = False
+    timeout: float = 1800.0
+    _part: bool = False
+    """Internal: a group started by compare itself writes its strategy's rows for the parent to assemble."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "imgsz", "batch")
+        _at_least(self, 2, "steps")
+        if self.nproc is not None and self.nproc < 1:
+            raise ConfigError(f"nproc={self.nproc}: must be a positive integer; remove it for one process")
+        for name in self.strategy_list:
+            if name not in STRATEGY_NAMES:
+                raise ConfigError(f"strategies: {name} is unknown{_suggest(name, STRATEGY_NAMES)}; choose from "
+                                  f"{', '.join(STRATEGY_NAMES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; choose "
+                              f"one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in ("SGD", "Adam", "AdamW"):
+            raise ConfigError(f"optimizer={self.optimizer}: compare knows the state size of SGD, Adam and AdamW; "
+                              "pick one of those")
+        self.budget_bytes  # noqa: B018  (validates)
+
+    @property
+    def strategy_list(self) -> list[str]:
+        return [s.strip() for s in str(self.strategies).split(",") if s.strip()]
+
+    @property
+    def budget_bytes(self) -> int:
+        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(self.budget))
+        try:
+            return int(float(match[1]) * units[match[2].upper()])
+        except (TypeError, KeyError, ValueError):
+            raise ConfigError(f"budget={self.budget}: expected a size such as 80GiB, 24GB or 512MiB") from None
 
 
 def parse_overrides(tokens: list[str], schema: type) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import ConfigError
+from .config import ConfigError, Unanimous
 
 __all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
            "preprocess", "split_batch"]
@@ -100,12 +100,81 @@ def resolve_dataset(spec: str) -> dict[str, Any]:
     try:
         data = check_det_dataset(str(path), autodownload=False)
     except Exception as e:  # Ultralytics raises several types, with emoji-laden multi-line messages
-        reason = " ".join(str(e).split())[:200]
-        raise ConfigError(f"data={spec}: {reason}; fix the data yaml (train:, val:, names:)") from None
+        raise ConfigError(f"data={spec}: {_plain(e)}; fix the data yaml (train:, val:, names:)") from None
     for split in ("train", "val"):
         if not data.get(split):
             raise ConfigError(f"data={spec}: no '{split}:' entry; add the {split} image folder to the yaml")
+        for folder in (data[split] if isinstance(data[split], list) else [data[split]]):
+            if Path(folder).is_dir() and not _has_images(Path(folder)):
+                raise ConfigError(f"data={spec}: no images in {folder} ('{split}:'); put the images there "
+                                  "(jpg, png, ...) or point '{split}:' at the folder that holds them")
     return data
+
+
+def _has_images(folder: Path) -> bool:
+    from ultralytics.data.utils import IMG_FORMATS
+
+    return any(p.suffix[1:].lower() in IMG_FORMATS for p in folder.rglob("*.*"))
+
+
+def check_imgsz(imgsz: int, *, stride: int) -> int:
+    """Refuse an image size the model cannot tile (Ultralytics would round it up with a warning)."""
+    if imgsz % stride:
+        down, up = imgsz // stride * stride, -(-imgsz // stride) * stride
+        fix = f"imgsz={up}" if down == 0 else f"imgsz={down} or imgsz={up}"
+        raise Unanimous(f"imgsz={imgsz} is not a multiple of the model's largest stride {stride}; use {fix}")
+    return imgsz
+
+
+def build_dataset(hyp: Any, data: dict[str, Any], split: str, *, batch: int, stride: int, mode: str,
+                  rect: bool = False) -> Dataset:
+    """Ultralytics' YOLODataset for one split. Labels it would silently skip as corrupt (a class index >= nc,
+    coordinates outside [0, 1]) are refused: training on a quietly smaller dataset is a mistake found too late."""
+    from ultralytics.data.build import build_yolo_dataset
+
+    try:
+        dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=rect, stride=stride)
+    except FileNotFoundError as e:  # no images
+        raise ConfigError(f"{split} images {data[split]}: {_plain(e.__cause__ or e)}; fix the dataset or the data "
+                          "yaml") from None
+    except RuntimeError as e:  # not one valid label: Ultralytics lists the reasons on the lines after the first
+        lines = str(e).splitlines()
+        raise ConfigError(_corrupt(split, "every label file is", _plain(lines[1] if len(lines) > 1 else e), data)) from None
+    skipped = sorted(set(dataset.label_files) - set(_label_files(dataset.im_files)))
+    if skipped:
+        count = f"{len(skipped)} of {len(dataset.label_files)} label files are"
+        raise ConfigError(_corrupt(split, count, _why_corrupt(skipped[0], data), data))
+    return dataset
+
+
+def _corrupt(split: str, count: str, example: str, data: dict[str, Any]) -> str:
+    return (f"{split} labels: {count} corrupt, e.g. {example}; fix them (one 'class x y w h' row per "
+            f"box, class < nc={data['nc']}, coordinates normalised to [0, 1])")
+
+
+def _plain(message: Any) -> str:
+    """One line without Ultralytics' colour codes."""
+    import re
+
+    return " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(message)).split())[:240]
+
+
+def _label_files(images: list[str]) -> list[str]:
+    from ultralytics.data.utils import img2label_paths
+
+    return img2label_paths(images)
+
+
+def _why_corrupt(label_file: str, data: dict[str, Any]) -> str:
+    """Ultralytics' own verdict on one label file (it finds the image by the labels/ -> images/ convention)."""
+    from ultralytics.data.utils import verify_image_label
+
+    stem = Path(label_file.replace(f"{os.sep}labels{os.sep}", f"{os.sep}images{os.sep}"))
+    images = sorted(stem.parent.glob(stem.stem + ".*"))
+    if not images:
+        return label_file
+    message = verify_image_label((str(images[0]), label_file, "", False, data["nc"], 0, 0, False))[-1]
+    return _plain(message) or label_file
 
 
 class GlobalBatchSampler(Sampler[tuple[int, int]]):

@@ -8,7 +8,9 @@ precision its config asked for (ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED, A
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -83,24 +85,56 @@ def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float =
     if not env.launched or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+    # groups made later (DeepSpeed's copy of the world group, HSDP's mesh dimensions) take torch's module default,
+    # not the world group's timeout: make it ours, so that `timeout=` bounds every collective
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_store(env),
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+
+
+def _store(env: DistEnv):
+    """The rendezvous store, with a namespace per restart under torch's elastic agent; None: torch's env:// default.
+
+    The agent keeps one store across restarts and torch's env:// init adds no per-attempt prefix, so a restarted
+    group would read the dead group's addresses and fail to connect ("Connection refused"). Elsewhere rank 0 hosts
+    the store, unless the agent says it hosts it, as torch's own env:// init decides.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=env.world_size,
+                          is_master=env.rank == 0 and not agent, multi_tenant=True)
+    return dist.PrefixStore(f"parallel_yolo/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 @contextlib.contextmanager
 def process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800.0):
     """The group for the body's duration. On success every rank meets in a barrier before the teardown: a rank
     that destroys gloo while a peer's last collective (say a gather it only sent to) is still in flight aborts
-    ("terminate called without an active exception"). After an error there is no barrier, which could hang."""
+    ("terminate called without an active exception"). After an error there is no barrier, which could hang.
+    A collective that fails because a peer died or froze is re-raised as PeerLost naming that rank."""
+    from .heartbeat import Heartbeat
+
     if env.launched:
         _die_with_launcher()
     init_process_group(env, device, timeout_s=timeout_s)
+    beat = Heartbeat(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s) \
+        if dist.is_initialized() and env.world_size > 1 else None
     try:
         yield
         if dist.is_initialized():
             dist.barrier()
+    except RuntimeError as error:
+        lost = beat.explain(error) if beat is not None else None
+        if lost is None:
+            raise
+        raise lost from error
     finally:
+        if beat is not None:
+            beat.close()
         destroy()
 
 
@@ -108,7 +142,6 @@ def _die_with_launcher() -> None:
     """Ask Linux to kill this worker when its launcher dies. torch's launcher starts workers in sessions of their
     own, so a launcher killed with SIGKILL would otherwise leave them training, and saving, on their own."""
     import ctypes
-    import signal
 
     if not sys.platform.startswith("linux"):
         return
@@ -127,23 +160,31 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
-def launch_local(nproc: int, argv: list[str]) -> int:
+def launch_local(nproc: int, argv: list[str], *, max_restarts: int = 0) -> int:
     """Run `python -m parallel_yolo ARGV` in `nproc` local processes through torch's elastic launcher.
 
-    The children see RANK / WORLD_SIZE like under torchrun, so they take the same code path as any launcher.
-    Returns the exit code to give back: 0, or the first failing child's.
+    The children see RANK / WORLD_SIZE like under torchrun, so they take the same code path as any launcher. When
+    one fails, the others are stopped, and with `max_restarts` the whole group is started again (the restarted
+    processes see TORCHELASTIC_RESTART_COUNT > 0 and resume). Returns 0, or the first failing child's exit code.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # every failing rank reports itself in one line (or with its traceback); the agent's log lines around them
+    # (closing signals, exit codes, restart notices) would bury it
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.5,
+        min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=max_restarts, monitor_interval=0.5,
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "parallel_yolo", *argv)
     except ChildFailedError as e:
-        _, failure = min(e.failures.items())
+        rank, failure = min(e.failures.items())
+        if failure.exitcode is not None and failure.exitcode < 0:  # killed: it could not say so itself
+            print(f"parallel-yolo: error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}"
+                  f"{'' if max_restarts else '; add max_restarts=N to restart the group and resume'}",
+                  file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
     return 0
 

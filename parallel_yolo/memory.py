@@ -1,8 +1,10 @@
-"""Per-rank memory accounting: bytes of the tensors this rank holds, by category, and peak resident memory.
+"""Per-rank memory accounting: bytes of the tensors this rank holds, by category, the ZeRO formula for them, and
+peak memory.
 
 Bytes are counted over unique storages, so views (DDP's gradient buckets, ZeRO's flat partitions) count once.
-On CPU the peak is the process's peak resident set (getrusage) above the baseline taken when the strategy was
-created (after imports, before the model was built); on GPU it is CUDA's peak allocated / reserved.
+On CPU the peak is the process's peak resident set (VmHWM, which `reset_peak` restarts) above the baseline taken
+when the strategy was created (after imports, before the model was built); on GPU it is CUDA's peak allocated /
+reserved.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["current_rss", "peak_rss", "storage_bytes", "report", "release_freed"]
+__all__ = ["current_rss", "peak_rss", "reset_peak", "storage_bytes", "report", "formula", "release_freed",
+           "OPTIMIZER_STATES", "CATEGORIES"]
+
+CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
+"""Model states by category; `master`: a separate full-precision copy of the weights (DeepSpeed keeps one)."""
+
+OPTIMIZER_STATES = {"SGD": 1, "Adam": 2, "AdamW": 2}
+"""Tensors of optimizer state per parameter (SGD: momentum; Adam, AdamW: both moments), each the parameter's size."""
 
 
 def release_freed() -> None:
@@ -35,7 +44,23 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak resident bytes since the start or the last reset_peak()."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: since the start, KiB
+
+
+def reset_peak(device: torch.device | None = None) -> None:
+    """Start a new peak measurement (several measurements in one process: `parallel-yolo compare`)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets the peak resident set to the current one
+    except OSError:
+        pass
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int] | None = None) -> int:
@@ -55,14 +80,10 @@ def storage_bytes(tensors: Iterable[torch.Tensor], seen: set[int] | None = None)
     return total
 
 
-def report(*, params, grads, optimizer_state, ema, baseline: int, device: torch.device) -> dict[str, int]:
+def report(*, params, master, grads, optimizer_state, ema, baseline: int, device: torch.device) -> dict[str, int]:
     seen: set[int] = set()
-    out = {
-        "params_bytes": storage_bytes(params, seen),
-        "grads_bytes": storage_bytes(grads, seen),
-        "optimizer_state_bytes": storage_bytes(optimizer_state, seen),
-        "ema_bytes": storage_bytes(ema, seen),
-    }
+    out = {f"{name}_bytes": storage_bytes(tensors, seen)
+           for name, tensors in zip(CATEGORIES, (params, master, grads, optimizer_state, ema))}
     if device.type == "cuda":
         out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
@@ -70,3 +91,21 @@ def report(*, params, grads, optimizer_state, ema, baseline: int, device: torch.
         out.update(peak_rss_bytes=peak_rss(), baseline_rss_bytes=baseline,
                    peak_above_baseline_bytes=peak_rss() - baseline)
     return out
+
+
+def formula(*, numel: int, world_size: int, sharded: frozenset[str], master: bool, optimizer: str,
+            element_bytes: int = 4) -> dict[str, int]:
+    """The ZeRO paper's model-state bytes per rank for `numel` parameters, by category.
+
+    `sharded`: the categories the strategy splits over the ranks (ZeRO-1: optimizer state; ZeRO-2: + gradients;
+    ZeRO-3 / FSDP: + parameters, and then our EMA too). `master`: a separate fp32 copy of the weights, sharded like
+    the optimizer state. Our precision policies keep weights, gradients and optimizer state in fp32 (autocast
+    computes in low precision), so every state is `element_bytes` per element: with the paper's Adam in mixed
+    precision that would be 2 + 2 + 12 bytes per parameter; here Adam is 4 + 4 + 8 (+ 4 master under DeepSpeed).
+    """
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"no formula for optimizer {optimizer}")
+    full = {"params": numel, "master": numel if master else 0, "grads": numel,
+            "optimizer_state": OPTIMIZER_STATES[optimizer] * numel, "ema": numel}
+    shards = {"master": "optimizer_state", "ema": "params"}  # each sharded like the state it follows
+    return {k: element_bytes * (-(-v // world_size) if shards.get(k, k) in sharded else v) for k, v in full.items()}

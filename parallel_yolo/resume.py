@@ -3,10 +3,15 @@
 Runs before any process group exists (and before a self-launch), so a missing, corrupted or finished checkpoint
 is reported as one line. The run continues with the settings it was trained with; keys given on the command line
 override them, which is how a run moves to another strategy, world size or precision.
+
+A group that torch's elastic agent restarts after a failure (`max_restarts=`, torchrun's `--max-restarts`) runs
+the same command again; `after_restart` turns it into a resume from the newest checkpoint that launch wrote.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +19,7 @@ from typing import Any
 from . import checkpoint
 from .config import ConfigError, TrainConfig, build, read_overrides
 
-__all__ = ["resolve", "run_folder_of", "candidates"]
+__all__ = ["resolve", "run_folder_of", "candidates", "launch_record", "after_restart", "restart_count"]
 
 # settings that belong to the new launch, not to the run being continued
 _NOT_INHERITED = {"resume", "device", "exist_ok", "project", "name"}
@@ -72,6 +77,45 @@ def checkpoint_to_resume(resume: bool | str, *, project: str) -> tuple[Path, dic
             raise ConfigError(f"resume={resume}: {e}") from None
         chosen, manifest, skipped = _newest_intact([c for c in candidates(run) if c != path])
         return chosen, manifest, [str(e), *skipped]
+
+
+def restart_count() -> int:
+    """How often torch's elastic agent has restarted this group (0: the first start, or no elastic agent)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def launch_record(tokens: list[str], project: str) -> Path | None:
+    """Where this launch notes its run folder, so that a restarted group finds it: one file per launch (the elastic
+    agent's run id and the command), under the project. None outside torch's elastic agent: nothing restarts."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return None
+    key = hashlib.sha1("\0".join([run_id, *tokens]).encode()).hexdigest()[:16]
+    return Path(project) / ".launches" / key
+
+
+def after_restart(tokens: list[str], record: Path | None) -> list[str] | None:
+    """The command a restarted group runs: resume from the newest intact checkpoint this launch wrote; without one,
+    the same command again, in the same run folder. None when the launch had already finished its work."""
+    if record is None or not record.is_file():
+        return tokens  # the group failed before it had a run folder: start again
+    run, since = Path(record.read_text().strip()), record.stat().st_mtime
+    written = [c for c in candidates(run) if (c / "manifest.json").is_file()
+               and (c / "manifest.json").stat().st_mtime >= since]
+    if not written:
+        given = read_overrides(tokens)
+        return tokens if given.get("resume") else [*tokens, f"project={run.parent}", f"name={run.name}",
+                                                   "exist_ok=true"]
+    chosen, manifest, skipped = _newest_intact(written)
+    for problem in skipped:
+        print(f"parallel-yolo: warning: {problem}", file=sys.stderr, flush=True)
+    max_steps = build(TrainConfig, read_overrides(tokens)).max_steps
+    if manifest["done"] or (max_steps and manifest["step"] >= max_steps):
+        return None
+    if os.environ.get("RANK", "0") == "0":
+        print(f"parallel-yolo: restart {restart_count()} of this launch: resuming from {chosen} (step "
+              f"{manifest['step']})", file=sys.stderr, flush=True)
+    return [*tokens, f"resume={chosen}"]
 
 
 def candidates(run: Path) -> list[Path]:

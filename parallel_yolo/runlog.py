@@ -34,6 +34,23 @@ class RunLog:
             (self.folder / "weights").mkdir(parents=True, exist_ok=True)
             (self.folder / "args.yaml").write_text(yaml.safe_dump(args, sort_keys=False))
 
+    def rewind(self, *, step: int, epochs: int) -> None:
+        """Keep only the rows up to optimizer step `step` and the first `epochs` epochs: a run resumed or restarted
+        from a checkpoint logs the steps after it again, and each must appear once."""
+        for file, column, last in (("steps.csv", "step", step), ("results.csv", "epoch", epochs)):
+            path = self.folder / file
+            if not self.writer or not path.exists():
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            index = rows[0].index(column) if rows and column in rows[0] else None
+            kept = rows[:1] + [r for r in rows[1:] if index is not None and int(float(r[index])) <= last]
+            if len(kept) == 1:
+                path.unlink()  # a fresh header comes with the first row
+            elif kept != rows:
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+
     def step(self, row: dict[str, Any]) -> None:
         self._append("steps.csv", {k: row.get(k, "") for k in STEP_COLUMNS})
 

@@ -16,7 +16,8 @@ import torch
 
 from . import checkpoint, data as datamod, dist, memory, yolo
 from .checkpoint import state as ckpt_state
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig, Unanimous
+from .heartbeat import progress
 from .precision import policy
 from .recipe import Schedule
 from .runlog import RunLog
@@ -38,21 +39,25 @@ def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
     return choice
 
 
-def train(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Run training; returns the final validation metrics on rank 0 (None elsewhere)."""
+def train(cfg: TrainConfig, *, launch_record: Path | None = None) -> dict[str, Any] | None:
+    """Run training; returns the final validation metrics on rank 0 (None elsewhere). `launch_record`: the file in
+    which to note the run folder for a restarted group (resume.launch_record)."""
     env = dist.read_env()
-    name, precision = preflight(cfg, world_size=env.world_size)
+    try:
+        name, precision = preflight(cfg, world_size=env.world_size)
+    except ConfigError as e:  # the same inputs on every rank: the same mistake
+        raise Unanimous(str(e)) from None
     device = dist.pick_device(env, cfg.device)
-    with dist.process_group(env, device):
+    with dist.process_group(env, device, timeout_s=cfg.timeout):
         strategy = create(name, env=env, device=device, precision=policy(precision),
                           options={**preset(name), "sync_bn": cfg.sync_bn})
-        metrics = Trainer(cfg, strategy).fit()
+        metrics = Trainer(cfg, strategy, launch_record=launch_record).fit()
         del strategy  # the wrapped model holds the group: free it while every rank is still connected
     return metrics
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, strategy):
+    def __init__(self, cfg: TrainConfig, strategy, *, launch_record: Path | None = None):
         from ultralytics.utils.torch_utils import init_seeds
 
         self.cfg, self.strategy, self.device = cfg, strategy, strategy.device
@@ -85,6 +90,10 @@ class Trainer:
         folder = strategy.broadcast_object(
             folder or RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if strategy.is_main else None)
         self.log = RunLog(folder, writer=strategy.is_main)
+        self.log.rewind(step=self.step, epochs=self.position[0])  # rows a resumed-from run logged past its checkpoint
+        if launch_record is not None and strategy.is_main:
+            launch_record.parent.mkdir(parents=True, exist_ok=True)
+            launch_record.write_text(str(Path(folder).resolve()))
         self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
                              "world_size": strategy.world_size, "imgsz": self.imgsz})
         self.evaluator = Evaluator(loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
@@ -118,16 +127,13 @@ class Trainer:
         return run_folder_of(folder) or folder.parent
 
     def _build_loaders(self) -> None:
-        from ultralytics.data.build import build_yolo_dataset
-        from ultralytics.utils.checks import check_imgsz
-
         cfg, strategy = self.cfg, self.strategy
-        self.imgsz = self.hyp.imgsz = check_imgsz(cfg.imgsz, stride=self.stride, max_dim=1)
+        self.imgsz = self.hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=self.stride)
         workers = min(cfg.workers, dist.cpu_threads_per_process(strategy.env))
-        train_set = _on_main_first(strategy, lambda: build_yolo_dataset(
-            self.hyp, self.data["train"], self.local_batch, self.data, mode="train", stride=self.stride))
-        val_set = _on_main_first(strategy, lambda: build_yolo_dataset(
-            self.hyp, self.data["val"], self.local_batch * 2, self.data, mode="val", rect=True, stride=self.stride))
+        train_set = _on_main_first(strategy, lambda: datamod.build_dataset(
+            self.hyp, self.data, "train", batch=self.local_batch, stride=self.stride, mode="train"))
+        val_set = _on_main_first(strategy, lambda: datamod.build_dataset(
+            self.hyp, self.data, "val", batch=self.local_batch * 2, stride=self.stride, mode="val", rect=True))
         self.train_loader = datamod.train_loader(train_set, batch=cfg.batch, rank=strategy.rank,
                                                  world_size=strategy.world_size, workers=workers, seed=cfg.seed)
         self.val_loader = datamod.val_loader(val_set, batch=self.local_batch * 2, workers=workers,
@@ -181,6 +187,7 @@ class Trainer:
                    desc=f"{epoch + 1}/{self.cfg.epochs}")
         for i, batch in enumerate(bar, start=first):
             ni = i + nb * epoch
+            progress(f"epoch {epoch + 1} iteration {i + 1}/{nb}, after step {self.step}")
             accumulate = self.schedule.warmup(self.groups, ni, epoch)
             stepping = ni - self.last_opt >= accumulate
             items = self._forward_backward(datamod.preprocess(batch, self.device), sync=stepping)
@@ -232,6 +239,7 @@ class Trainer:
 
     # ---- validation, logging, saving ---------------------------------------------------------------------------
     def _validate(self) -> dict[str, Any] | None:
+        progress(f"validation after step {self.step}")
         metrics = self.evaluator(self.ema.full_model(), self.loss_names)
         return self.strategy.broadcast_object(metrics)
 
@@ -260,6 +268,7 @@ class Trainer:
         """A sharded checkpoint of the whole training state, every rank writing its own part (a collective)."""
         strategy, model = self.strategy, self.strategy.raw_model
         epoch, batch, start = *self.position, time.time()
+        progress(f"saving {folder.name} at step {self.step}")
         ckpt_state.save(folder, strategy=strategy, ema=self.ema, buffers=self.step_buffers,
                         rank_meta=ckpt_state.rng_state(), meta={"done": done,
             "strategy": strategy.name, "precision": strategy.precision.name, "world_size": strategy.world_size,
@@ -277,13 +286,18 @@ class Trainer:
 
 
 def _on_main_first(strategy, build):
-    """Build on rank 0 first (it writes caches: the demo images, Ultralytics' label cache), then the others."""
-    if not strategy.is_main:
-        strategy.barrier()
-    result = build()
+    """Build on rank 0 first (it writes caches: the demo images, Ultralytics' label cache), then the others. A
+    mistake rank 0 finds (an empty folder, corrupt labels) stops every rank with its message, none left waiting."""
+    result, error = None, None
     if strategy.is_main:
-        strategy.barrier()
-    return result
+        try:
+            result = build()
+        except ConfigError as e:
+            error = str(e)
+    error = strategy.broadcast_object(error)  # also the barrier the others wait in
+    if error:
+        raise Unanimous(error)
+    return result if strategy.is_main else build()
 
 
 def _to_float(value: Any) -> Any:

@@ -70,7 +70,7 @@ def run_val(cfg) -> dict[str, float] | None:
     import json
 
     from . import dist
-    from .data import resolve_dataset, val_loader
+    from .data import build_dataset, check_imgsz, resolve_dataset, val_loader
     from .runlog import RunLog
 
     env = dist.read_env()
@@ -81,16 +81,13 @@ def run_val(cfg) -> dict[str, float] | None:
         raise ConfigError(f"data={cfg.data}: {data['nc']} classes but the checkpoint was trained on {model.nc}; "
                             "pass the data yaml it was trained on")
     with dist.process_group(env, device):
-        from ultralytics.data.build import build_yolo_dataset
-        from ultralytics.utils.checks import check_imgsz
-
         hyp = _eval_hyp(cfg, trained)
         stride = max(int(model.stride.max()), 32)
-        hyp.imgsz = check_imgsz(cfg.imgsz or trained.get("imgsz") or 640, stride=stride, max_dim=1)
+        hyp.imgsz = check_imgsz(cfg.imgsz or trained.get("imgsz") or 640, stride=stride)
         # `batch` is global, as in train; Ultralytics' per-pass loss normalisation makes the val losses depend on
         # the images per pass, so use batch=2*train batch to reproduce what training reported.
         per_rank = max(cfg.batch // env.world_size, 1)
-        dataset = build_yolo_dataset(hyp, data[cfg.split], per_rank, data, mode="val", rect=True, stride=stride)
+        dataset = build_dataset(hyp, data, cfg.split, batch=per_rank, stride=stride, mode="val", rect=True)
         loader = val_loader(dataset, batch=per_rank, workers=cfg.workers, distributed=env.launched)
         folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None
         if env.launched:

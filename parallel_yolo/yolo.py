@@ -102,10 +102,14 @@ def _model_yaml(spec: str) -> str:
     if not spec.endswith((".yaml", ".yml")):
         raise ConfigError(f"model={spec}: expected a model .yaml or a local .pt, e.g. model=yolov8n.yaml")
     try:
-        yaml_model_load(spec)
+        layers = yaml_model_load(spec)
     except FileNotFoundError:
         raise ConfigError(f"model={spec}: no such model yaml, locally or among Ultralytics' "
                           "(e.g. yolov8n.yaml, yolo11s.yaml, yolov8x-p6.yaml)") from None
+    head = str((layers.get("head") or [[None, None, "?"]])[-1][2])
+    if not head.endswith("Detect"):
+        raise ConfigError(f"model={spec}: its last layer is {head}, not a detection head (Detect); pass a detect "
+                          "yaml such as yolov8n.yaml")
     return spec
 
 

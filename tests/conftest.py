@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,46 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
     command = [sys.executable, "-m", "parallel_yolo", *args] if module else list(args)
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    """`python -m parallel_yolo ARGS` in the background, in a session of its own (os.killpg ends everything)."""
+    return subprocess.Popen([sys.executable, "-m", "parallel_yolo", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the training process of `rank` started (directly or not) by process `launcher`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            pid, parents = int(proc.name), []
+            while pid > 1 and len(parents) < 10:
+                pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        if launcher in parents and f"RANK={rank}".encode() in environ and b"parallel_yolo" in \
+                (proc / "cmdline").read_bytes():
+            return int(proc.name)
+    return None
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `condition()` holds; fails if the process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+    raise AssertionError(f"not reached in {timeout}s")
+
+
+def rows(csv_path: Path) -> int:
+    return max(len(csv_path.read_text().splitlines()) - 1, 0) if csv_path.exists() else 0
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, Unanimous
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Slab", "begin", "write_shard", "commit", "abort", "rotate",
            "load_manifest", "newest_intact", "Reader"]
@@ -40,6 +40,10 @@ OLD_MARK = ".old-"
 
 class CheckpointError(ConfigError):
     """A checkpoint that is missing, incomplete, corrupted or for another model: reported like a bad key."""
+
+
+class SaveFailed(CheckpointError, Unanimous):
+    """A save that failed on some rank (disk full, folder not writable); every rank raises it with the same words."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ def begin(folder: Path) -> Path:
 
 def write_shard(tmp: Path, rank: int, slabs: list[Slab]) -> dict[str, Any]:
     """Write this rank's part of every slab into one safetensors file; returns its manifest entry."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors, ranges = {}, []
@@ -88,7 +93,10 @@ def write_shard(tmp: Path, rank: int, slabs: list[Slab]) -> dict[str, Any]:
             tensors[f"{slab.key}@{a}"] = slab.data[a - slab.lo:b - slab.lo].detach().cpu().clone()
             ranges.append([slab.key, list(slab.shape), a, b])
     path = Path(tmp) / f"rank{rank:05d}.safetensors"
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        raise OSError(f"{path.name}: {e}") from None
     with open(path, "rb") as f:
         os.fsync(f.fileno())
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path), "ranges": ranges}

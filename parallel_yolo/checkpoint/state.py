@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import CheckpointError, Reader, Slab, abort, begin, commit, write_shard
+from . import CheckpointError, Reader, SaveFailed, Slab, abort, begin, commit, write_shard
 
 __all__ = ["save", "load", "rng_state", "set_rng_state"]
+
+
+_KEPT = ("; the checkpoints saved before are intact: make room on the disk (or make the folder writable), then "
+         "continue with resume=RUN_FOLDER")
 
 
 def save(folder: Path, *, strategy, ema, buffers: dict[str, torch.Tensor], meta: dict[str, Any],
@@ -35,7 +39,7 @@ def save(folder: Path, *, strategy, ema, buffers: dict[str, torch.Tensor], meta:
             error = f"cannot write a checkpoint next to {folder}: {e}"
     tmp, error = strategy.broadcast_object((tmp, error))
     if error:
-        raise CheckpointError(error)
+        raise SaveFailed(f"{error}{_KEPT}")
     entry = None
     try:
         entry = write_shard(Path(tmp), strategy.rank, slabs(strategy, ema, buffers=buffers))
@@ -53,7 +57,7 @@ def save(folder: Path, *, strategy, ema, buffers: dict[str, torch.Tensor], meta:
             abort(Path(tmp))
     error = strategy.broadcast_object(error)
     if error:
-        raise CheckpointError(error)
+        raise SaveFailed(f"{error}{_KEPT}")
 
 
 def load(folder: Path, manifest: dict[str, Any], *, strategy, ema) -> None:

@@ -59,6 +59,13 @@ class Strategy:
     """Registry key: what `strategy=` and the preset file are called."""
     supports_loss_scaling: ClassVar[bool] = True
     """Whether precision=fp16-mixed (dynamic loss scaling) is possible."""
+    sharded: ClassVar[frozenset[str]] = frozenset()
+    """Model states split over the ranks: of params, grads, optimizer_state (memory.formula's categories)."""
+    master_copy: ClassVar[bool] = False
+    """Whether the backend keeps a separate fp32 copy of the weights (DeepSpeed's master partitions)."""
+    comm_volume: ClassVar[float | None] = 0.0
+    """Bytes sent per step in theory, in units of (N-1)/N x the gradient bytes (comm.py's ring algorithms): DDP
+    all-reduces the gradients (2); ZeRO-3 / FSDP also gather the parameters twice (3); None: no simple formula."""
 
     def __init__(self, *, env: DistEnv, device: torch.device, precision: PrecisionPolicy, options: dict[str, Any]):
         self.env = env
@@ -138,6 +145,10 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
+    def expose_communication(self) -> None:
+        """Route the backend's collectives through torch.distributed's Python functions, where comm.CommCounter
+        counts them (DeepSpeed and FSDP2 use them already)."""
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for a backward that only accumulates (no gradient communication)."""
         return contextlib.nullcontext()
@@ -196,11 +207,18 @@ class Strategy:
         """Bytes this rank holds by category (unique storages) and its peak memory; see parallel_yolo.memory."""
         grads = [p.grad for p in self.raw_model.parameters()] + self._extra_grad_tensors()
         state = [t for s in self.inner_optimizer().state.values() for t in s.values()]
-        return memory.report(params=self._local_params(), grads=grads, optimizer_state=state,
-                             ema=ema.tensors(), baseline=self.baseline_rss, device=self.device)
+        return memory.report(params=self._local_params(), master=self._master_params(), grads=grads,
+                             optimizer_state=state, ema=ema.tensors(), baseline=self.baseline_rss, device=self.device)
+
+    def shard_ranks(self) -> int:
+        """Over how many ranks the `sharded` states are split (HSDP: the ranks of one node)."""
+        return self.world_size
 
     def _local_params(self) -> list[torch.Tensor]:
         return list(self.raw_model.parameters())
+
+    def _master_params(self) -> list[torch.Tensor]:
+        return []
 
     def _extra_grad_tensors(self) -> list[torch.Tensor]:
         """Gradient storage a backend keeps outside `param.grad` (buckets, flat partitions)."""

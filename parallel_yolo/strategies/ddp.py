@@ -14,6 +14,7 @@ from .registry import register
 @register
 class DDPStrategy(Strategy):
     name = "ddp"
+    comm_volume = 2.0
 
     def setup(self, model, *, make_optimizer):
         model = model.to(self.device)
@@ -35,6 +36,12 @@ class DDPStrategy(Strategy):
 
     def no_sync(self):
         return self.model.no_sync()
+
+    def expose_communication(self) -> None:
+        # the reducer all-reduces from C++; torch's own Python hook does the same all-reduce through dist.all_reduce
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        self.model.register_comm_hook(None, default_hooks.allreduce_hook)
 
 
 # torch 2.13 renamed broadcast_buffers to forward_sync_buffers (buffers are still synced once, at wrap time: harmless,

@@ -39,6 +39,8 @@ def import_deepspeed():
 class ZeroStrategy(Strategy):
     stage: int
     supports_loss_scaling = False
+    master_copy = True  # fp32 master partitions, even when the module is fp32
+    comm_volume = 2.0  # gradients reduce-scattered, updated parameters all-gathered
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -96,9 +98,8 @@ class ZeroStrategy(Strategy):
                 found.extend(v if isinstance(v, list) else [v])
         return [t for t in found if isinstance(t, torch.Tensor)]
 
-    def _local_params(self) -> list[torch.Tensor]:
-        # the module's weights plus ZeRO's fp32 master partitions (a separate copy, also in fp32 training)
-        return list(self._raw.parameters()) + self._wrapper_tensors("single_partition_of_fp32_groups")
+    def _master_params(self) -> list[torch.Tensor]:
+        return self._wrapper_tensors("single_partition_of_fp32_groups")
 
     def _extra_grad_tensors(self) -> list[torch.Tensor]:
         return self._wrapper_tensors("averaged_gradients", "ipg_buffer", "grads_in_partition")
@@ -153,11 +154,15 @@ def _inside(tensor: torch.Tensor, flat: torch.Tensor) -> bool:
 @register
 class Zero1Strategy(ZeroStrategy):
     name, stage = "zero1", 1
+    # the paper's stage 1 keeps whole gradients; DeepSpeed's (one implementation with stage 2) keeps only its
+    # partition once the step's gradients are reduced, so its accounting matches the stage-2 formula
+    sharded = frozenset({"optimizer_state", "grads"})
 
 
 @register
 class Zero2Strategy(ZeroStrategy):
     name, stage = "zero2", 2
+    sharded = frozenset({"optimizer_state", "grads"})
 
 
 @register
@@ -165,6 +170,8 @@ class Zero3Strategy(ZeroStrategy):
     """Parameters are partitioned: each holds a flat slice `ds_tensor`; full tensors exist only in forward."""
 
     name, stage = "zero3", 3
+    sharded = frozenset({"optimizer_state", "grads", "params"})
+    comm_volume = 3.0
 
     def local_state(self) -> dict[str, torch.Tensor]:
         params = {name: p.ds_tensor for name, p in self._raw.named_parameters()}
@@ -208,7 +215,10 @@ class Zero3Strategy(ZeroStrategy):
                 master.data.copy_(low)
 
     def _local_params(self) -> list[torch.Tensor]:
-        return [p.ds_tensor for p in self._raw.parameters()] + self._wrapper_tensors("fp32_partitioned_groups_flat")
+        return [p.ds_tensor for p in self._raw.parameters()]
+
+    def _master_params(self) -> list[torch.Tensor]:
+        return self._wrapper_tensors("fp32_partitioned_groups_flat")
 
     def make_ema(self) -> ShardedEMA:
         return ShardedEMA(self)

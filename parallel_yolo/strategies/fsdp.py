@@ -31,6 +31,8 @@ __all__ = ["FSDPStrategy", "FSDPGradOpStrategy", "HSDPStrategy"]
 class FSDPStrategy(Strategy):
     name = "fsdp"
     reshard_after_forward = True
+    sharded = frozenset({"optimizer_state", "grads", "params"})
+    comm_volume = 3.0
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -123,6 +125,7 @@ def _replica_share(p: DTensor) -> tuple[int, int]:
 class FSDPGradOpStrategy(FSDPStrategy):
     name = "fsdp_grad_op"
     reshard_after_forward = False
+    comm_volume = 2.0  # parameters gathered once, kept through backward
 
 
 @register
@@ -130,6 +133,10 @@ class HSDPStrategy(FSDPStrategy):
     """Shard within a node, replicate across nodes: all-gathers stay on the fast intra-node links."""
 
     name = "hsdp"
+    comm_volume = None  # shard-group and replica-group collectives of different sizes
+
+    def shard_ranks(self) -> int:
+        return self.env.local_world_size
 
     def _mesh(self):
         per_node = self.env.local_world_size

@@ -11,10 +11,9 @@ import sys
 import time
 
 import pytest
-from conftest import CKPT_RUN, check, run_cli
+from conftest import CKPT_RUN, check, run_cli, start_cli, wait_until, worker_pid
 
 from parallel_yolo import checkpoint
-
 
 
 @pytest.fixture
@@ -95,3 +94,28 @@ def test_killed_during_a_save_leaves_the_previous_checkpoints_intact(tmp_path):
     assert f"at step {newest}" in result.stdout
     assert not list(checkpoints.glob(".step_*")), "the half-written folder is cleaned up by the next save"
     assert json.loads((checkpoints / f"step_{newest + 1}" / "manifest.json").read_text())["step"] == newest + 1
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """Files may not grow past 64 KiB once step_2 is saved (RLIMIT_FSIZE: the write fails as on a full disk, with
+    EFBIG instead of ENOSPC; a full file system cannot be made here without mount rights)."""
+    import resource
+
+    process = start_cli("train", *CKPT_RUN, "strategy=ddp", "nproc=2", f"project={tmp_path}", "name=run",
+                        cwd=tmp_path)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    try:
+        wait_until(lambda: (checkpoints / "step_2" / "manifest.json").exists(), process)
+        for rank in (0, 1):
+            resource.prlimit(worker_pid(process.pid, rank), resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+        out, err = process.communicate(timeout=300)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 2 and len(lines) == 1, err[-3000:]
+    # the next save (weights/last at the end of epoch 1, step 3) failed; nothing half-written is left
+    assert "File too large" in lines[0] and "weights/last" in lines[0] and "intact" in lines[0], lines
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
+    assert not list((tmp_path / "run" / "weights").iterdir())
+    checkpoint.load_manifest(checkpoints / "step_2")  # and it verifies

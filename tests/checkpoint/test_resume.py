@@ -18,10 +18,11 @@ from conftest import check, load_weights, read_csv, run_cli
 from parallel_yolo.strategies import REGISTRY
 
 def resumed_copy(run, tmp_path, *args):
+    """The run folder as the uninterrupted run left it (steps.csv holds all 6 steps), resumed from step 2: the
+    resumed run drops the logged rows after its checkpoint and logs those steps again."""
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "weights")
-    (copy / "steps.csv").write_text("".join((run / "steps.csv").read_text().splitlines(True)[:3]))  # header + 2
     result = check(run_cli("train", f"resume={copy / 'checkpoints' / 'step_2'}", *args, cwd=tmp_path))
     return copy, result
 

@@ -1,0 +1,284 @@
+"""`parallel-yolo compare`: what each strategy costs per rank for one model, measured beside theory.
+
+Each strategy trains `steps` optimizer steps on one synthetic batch (the same images for every strategy), then two
+more at twice the batch. Per rank it records:
+- model-state bytes by category, counted from the tensors the rank holds (unique storages) just before the last
+  optimizer step (gradients present), beside memory.formula for that strategy and optimizer;
+- peak memory of the training steps above the baseline taken before the model was built (CPU: peak resident set;
+  CUDA: peak allocated), and of the whole run including setup;
+- activation memory: peak minus model states; with the peaks at two batch sizes, a linear fit
+  peak(b) = fixed + b x per_image gives the largest per-GPU batch that fits `budget`;
+- bytes sent per step, counted by wrapping the collectives (comm.py), beside the strategy's theory;
+- step time (median of the steps after the first) and images/s.
+
+Self-launched (`nproc=N`), every strategy gets fresh processes, so none inherits another's memory; under an
+external launcher the strategies run one after another in the same processes (peaks are reset in between).
+Outputs: a table, and compare.json, compare.csv and compare.png in the run folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import dist, memory, yolo
+from .comm import CommCounter
+from .config import CompareConfig, ConfigError, TrainConfig
+from .precision import policy
+from .runlog import RunLog
+from .strategies import create, preset
+
+__all__ = ["run_compare", "synthetic_batch"]
+
+MIB = 2**20
+
+
+def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
+    """Measure every strategy; on rank 0 (or in the parent of a self-launch) write and print the results."""
+    env = dist.read_env()
+    if cfg.nproc and env.launched and cfg.nproc != env.world_size:
+        raise ConfigError(f"nproc={cfg.nproc} but the launcher started {env.world_size} processes; drop nproc=")
+    folder = Path(cfg.project) / cfg.name
+    if not env.launched and cfg.nproc:  # one fresh group per strategy
+        folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok)
+        for name in cfg.strategy_list:
+            print(f"compare: {name} x{cfg.nproc} ...", flush=True)
+            code = dist.launch_local(cfg.nproc, ["compare", *tokens, f"strategies={name}", f"project={folder.parent}",
+                                                 f"name={folder.name}", "exist_ok=true", "_part=true"])
+            if code:  # the group printed why
+                raise SystemExit(code)
+        rows = [json.loads((folder / "parts" / f"{name}.json").read_text()) for name in cfg.strategy_list]
+        return _publish(cfg, folder, rows)
+    if not cfg._part:
+        folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else folder
+    device = dist.pick_device(env, cfg.device)
+    rows = []
+    with dist.process_group(env, device, timeout_s=cfg.timeout):
+        folder = Path(_broadcast(folder))
+        for name in cfg.strategy_list:
+            rows.append({"strategy": name, "ranks": _gather(measure(name, cfg, env=env, device=device))})
+        if env.is_main and cfg._part:
+            (folder / "parts").mkdir(parents=True, exist_ok=True)
+            for row in rows:
+                (folder / "parts" / f"{row['strategy']}.json").write_text(json.dumps(row))
+    if env.is_main and not cfg._part:
+        return _publish(cfg, folder, rows)
+    return None
+
+
+# ---- one strategy on this rank --------------------------------------------------------------------------------------
+def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device) -> dict[str, Any]:
+    gc.collect()
+    memory.release_freed()
+    memory.reset_peak(device)
+    train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
+                            strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
+    hyp = yolo.hyp_namespace(train_cfg)
+    strategy = create(name, env=env, device=device, precision=policy(cfg.precision), options=preset(name))
+    model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
+    criterion = yolo.build_criterion(model)
+    numel = sum(p.numel() for p in model.parameters())
+    make_optimizer = yolo.optimizer_factory(train_cfg, hyp, nc=80, dataset_size=cfg.batch, weight_decay=5e-4)
+    strategy.setup(model, make_optimizer=make_optimizer)
+    del model
+    memory.release_freed()
+    strategy.expose_communication()
+    ema = strategy.make_ema()
+    local = cfg.batch // env.world_size
+    counter, times, states = CommCounter(env.world_size), [], {}
+    memory.reset_peak(device)
+    with counter:
+        for step in range(cfg.steps):
+            if step == 1:
+                counter.reset()  # the first step includes lazy initialisation
+            start = time.perf_counter()
+            last = step == cfg.steps - 1
+            states = _train_step(strategy, ema, criterion, synthetic_batch(cfg.batch, cfg.imgsz, device, env),
+                                 account=last) or states
+            times.append(time.perf_counter() - start)
+    sent = counter.total / (cfg.steps - 1)
+    peak = _peak(strategy, device)
+    memory.reset_peak(device)
+    for _ in range(2):  # twice the images: the slope of the peak is the activation memory per image
+        _train_step(strategy, ema, criterion, synthetic_batch(2 * cfg.batch, cfg.imgsz, device, env), account=False)
+    peak_double = _peak(strategy, device)
+    whole = strategy.memory_report(ema)
+    result = {
+        "rank": env.rank, "numel": numel, "images_per_rank": local,
+        "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
+        "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
+                                  master=strategy.master_copy, optimizer=cfg.optimizer),
+        "peak_bytes": peak, "peak_double_batch_bytes": peak_double,
+        "peak_with_setup_bytes": whole.get("peak_above_baseline_bytes", whole.get("peak_allocated_bytes")),
+        "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),
+        "sent_theory_bytes": None if strategy.comm_volume is None else round(
+            strategy.comm_volume * (env.world_size - 1) / env.world_size * 4 * numel),
+        "step_s": statistics.median(times[1:]), "images_per_s": cfg.batch / statistics.median(times[1:]),
+    }
+    del strategy, ema, criterion
+    gc.collect()
+    return result
+
+
+def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
+    """One optimizer step as the trainer takes it; with `account`, the state bytes held just before the step."""
+    from .trainer import _to_float
+
+    with strategy.autocast():
+        preds = strategy.model(batch["img"])
+    loss, _ = criterion(_to_float(preds), batch)
+    strategy.backward(loss.sum() * strategy.world_size)
+    held = strategy.memory_report(ema) if account else None
+    strategy.step()
+    ema.update()
+    if strategy.device.type == "cuda":
+        torch.cuda.synchronize(strategy.device)
+    return held
+
+
+def _peak(strategy, device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return memory.peak_rss() - strategy.baseline_rss
+
+
+def synthetic_batch(batch: int, imgsz: int, device: torch.device, env: dist.DistEnv) -> dict[str, Any]:
+    """This rank's share of a seeded global batch: noise images, three boxes each (the same for every strategy)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, imgsz, imgsz, generator=g)
+    boxes = torch.cat([torch.rand(batch * 3, 2, generator=g) * 0.6 + 0.2,
+                       torch.rand(batch * 3, 2, generator=g) * 0.25 + 0.05], 1)
+    classes = torch.randint(0, 80, (batch * 3, 1), generator=g).float()
+    index = torch.arange(batch).repeat_interleave(3)
+    local = batch // env.world_size
+    lo, hi = env.rank * local, (env.rank + 1) * local
+    keep = (index >= lo) & (index < hi)
+    return {"img": images[lo:hi].to(device), "cls": classes[keep].to(device), "bboxes": boxes[keep].to(device),
+            "batch_idx": (index[keep] - lo).float().to(device)}
+
+
+def _gather(row: dict[str, Any]) -> list[dict[str, Any]]:
+    if not torch.distributed.is_initialized():
+        return [row]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, row)
+    return out
+
+
+def _broadcast(value: Any) -> Any:
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- results --------------------------------------------------------------------------------------------------------
+def summarize(row: dict[str, Any], budget: int) -> dict[str, Any]:
+    """One strategy's figures: the worst rank for memory, the slowest for time."""
+    ranks = row["ranks"]
+    worst = max(ranks, key=lambda r: sum(r["states"].values()))
+    held, theory = sum(worst["states"].values()), sum(worst["formula"].values())
+    peak = max(r["peak_bytes"] for r in ranks)
+    per_image = max((r["peak_double_batch_bytes"] - r["peak_bytes"]) / r["images_per_rank"] for r in ranks)
+    fixed = peak - per_image * worst["images_per_rank"]
+    fits = int((budget - fixed) // per_image) if per_image > 0 else None
+    sent = max(r["sent_bytes_per_step"] for r in ranks)
+    theory_sent = worst["sent_theory_bytes"]
+    return {
+        "strategy": row["strategy"], **{f"{k}_MiB": worst["states"][k] / MIB for k in memory.CATEGORIES},
+        "states_MiB": held / MIB, "formula_MiB": theory / MIB,
+        "states_vs_formula": held / theory - 1 if theory else None,
+        "peak_MiB": peak / MIB, "activations_MiB": (peak - held) / MIB, "per_image_MiB": per_image / MIB,
+        "max_batch_per_gpu": fits, "sent_MiB_per_step": sent / MIB,
+        "sent_theory_MiB": None if theory_sent is None else theory_sent / MIB,
+        "step_s": max(r["step_s"] for r in ranks), "images_per_s": min(r["images_per_s"] for r in ranks),
+    }
+
+
+def _publish(cfg: CompareConfig, folder: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summary = [summarize(row, cfg.budget_bytes) for row in rows]
+    ddp = next((s for s in summary if s["strategy"] == "ddp"), summary[0])
+    for s in summary:
+        s["peak_vs_ddp"] = s["peak_MiB"] / ddp["peak_MiB"]
+        s["step_vs_ddp"] = s["step_s"] / ddp["step_s"]
+        s["sent_vs_ddp"] = s["sent_MiB_per_step"] / ddp["sent_MiB_per_step"] if ddp["sent_MiB_per_step"] else None
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"config": {k: getattr(cfg, k) for k in ("model", "strategies", "nproc", "imgsz", "batch", "precision",
+                                                       "steps", "optimizer", "budget")},
+              "device": _device_name(), "method": __doc__.split("\n\n", 1)[1].split("\n\nSelf-launched")[0],
+              "summary": summary, "ranks": rows}
+    (folder / "compare.json").write_text(json.dumps(result, indent=2))
+    with open(folder / "compare.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    _plot(summary, folder / "compare.png", title=f"{cfg.model}, {len(rows[0]['ranks'])} ranks, imgsz {cfg.imgsz}, "
+                                                  f"batch {cfg.batch}, {cfg.precision}, {cfg.optimizer}")
+    _print_table(summary, cfg, len(rows[0]["ranks"]))
+    print(f"results written to {folder / 'compare.json'}, compare.csv, compare.png", flush=True)
+    return result
+
+
+def _device_name() -> str:
+    import platform
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU: {platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
+
+
+def _print_table(summary: list[dict[str, Any]], cfg: CompareConfig, world: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.model} x{world} ranks, imgsz {cfg.imgsz}, batch {cfg.batch}, {cfg.precision}, "
+                        f"{cfg.optimizer}: MiB per rank (worst rank)")
+    columns = ["strategy", "params", "master", "grads", "optim", "ema", "states", "formula", "diff", "peak",
+               "activ.", "vs ddp", f"batch@{cfg.budget}", "sent/step", "theory", "step s", "img/s", "time vs ddp"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "strategy" else "right")
+    for s in summary:
+        table.add_row(s["strategy"], *(f"{s[f'{k}_MiB']:.0f}" for k in memory.CATEGORIES),
+                      f"{s['states_MiB']:.0f}", f"{s['formula_MiB']:.0f}", _percent(s["states_vs_formula"]),
+                      f"{s['peak_MiB']:.0f}", f"{s['activations_MiB']:.0f}", f"{s['peak_vs_ddp']:.2f}",
+                      str(s["max_batch_per_gpu"]), f"{s['sent_MiB_per_step']:.0f}",
+                      "-" if s["sent_theory_MiB"] is None else f"{s['sent_theory_MiB']:.0f}",
+                      f"{s['step_s']:.2f}", f"{s['images_per_s']:.1f}", f"{s['step_vs_ddp']:.2f}")
+    Console(width=200).print(table)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:+.1f}%"
+
+
+def _plot(summary: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Stacked bars of per-rank memory by category, the formula's model states marked on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 * len(summary) + 3, 5))
+    names = [s["strategy"] for s in summary]
+    bottom = [0.0] * len(summary)
+    for key in (*memory.CATEGORIES, "activations"):
+        values = [max(s[f"{key}_MiB"], 0.0) for s in summary]
+        ax.bar(names, values, bottom=bottom, label=key)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.scatter(names, [s["formula_MiB"] for s in summary], marker="_", s=900, color="black", zorder=3,
+               label="model states, formula")
+    ax.set_ylabel("MiB per rank (peak)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
