@@ -43,7 +43,11 @@ def main(argv: list[str]) -> None:
     args = {"model": "yolov8x.yaml", "nproc": "2", "imgsz": "320", "batch": "4",
             "strategies": "ddp,zero1,zero2,zero3,fsdp"}
     args.update(a.split("=", 1) for a in argv)
-    work = Path(tempfile.mkdtemp(prefix="pyolo-ckpt-"))
+    with tempfile.TemporaryDirectory(prefix="pyolo-ckpt-") as work:  # gigabytes of yolov8x checkpoints: removed
+        measure(args, Path(work))
+
+
+def measure(args: dict[str, str], work: Path) -> None:
     data = tiny_val_data(work / "data")
     print(f"{args['model']}  nproc={args['nproc']}  imgsz={args['imgsz']}  SGD fp32, CPU")
     print(f"{'strategy':<14}{'save (s)':>10}{'load (s)':>10}{'size (MiB)':>12}{'files':>7}")

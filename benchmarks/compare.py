@@ -22,7 +22,11 @@ from pathlib import Path
 def main(argv: list[str]) -> None:
     args = {"model": "yolov8x.yaml", "nprocs": "2,4", "imgsz": "320", "batch": "4", "steps": "5", "optimizer": "SGD"}
     args.update(a.split("=", 1) for a in argv)
-    work = Path(tempfile.mkdtemp(prefix="pyolo-compare-"))
+    with tempfile.TemporaryDirectory(prefix="pyolo-compare-") as work:
+        measure(args, Path(work))
+
+
+def measure(args: dict[str, str], work: Path) -> None:
     checks = []
     for i, nproc in enumerate(args["nprocs"].split(",")):
         command = [sys.executable, "-m", "parallel_yolo", "compare", f"model={args['model']}",

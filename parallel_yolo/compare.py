@@ -84,6 +84,10 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     strategy = create(name, env=env, device=device, precision=policy(cfg.precision), options=preset(name))
     model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
     criterion = yolo.build_criterion(model)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    if cfg.compile:
+        model.compile()
     numel = sum(p.numel() for p in model.parameters())
     make_optimizer = yolo.optimizer_factory(train_cfg, hyp, nc=80, dataset_size=cfg.batch, weight_decay=5e-4)
     strategy.setup(model, make_optimizer=make_optimizer)
@@ -93,21 +97,20 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     ema = strategy.make_ema()
     local = cfg.batch // env.world_size
     counter, times, states = CommCounter(env.world_size), [], {}
+    batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
     memory.reset_peak(device)
     with counter:
         for step in range(cfg.steps):
             if step == 1:
-                counter.reset()  # the first step includes lazy initialisation
+                counter.reset()  # the first step includes lazy initialisation (and compilation)
             start = time.perf_counter()
-            last = step == cfg.steps - 1
-            states = _train_step(strategy, ema, criterion, synthetic_batch(cfg.batch, cfg.imgsz, device, env),
-                                 account=last) or states
+            states = _train_step(strategy, ema, criterion, batch, account=step == cfg.steps - 1) or states
             times.append(time.perf_counter() - start)
     sent = counter.total / (cfg.steps - 1)
     peak = _peak(strategy, device)
     memory.reset_peak(device)
     for _ in range(2):  # twice the images: the slope of the peak is the activation memory per image
-        _train_step(strategy, ema, criterion, synthetic_batch(2 * cfg.batch, cfg.imgsz, device, env), account=False)
+        _train_step(strategy, ema, criterion, double, account=False)
     peak_double = _peak(strategy, device)
     whole = strategy.memory_report(ema)
     result = {
@@ -149,7 +152,8 @@ def _peak(strategy, device: torch.device) -> int:
     return memory.peak_rss() - strategy.baseline_rss
 
 
-def synthetic_batch(batch: int, imgsz: int, device: torch.device, env: dist.DistEnv) -> dict[str, Any]:
+def synthetic_batch(batch: int, imgsz: int, device: torch.device, env: dist.DistEnv,
+                    layout: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
     """This rank's share of a seeded global batch: noise images, three boxes each (the same for every strategy)."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(batch, 3, imgsz, imgsz, generator=g)
@@ -160,8 +164,8 @@ def synthetic_batch(batch: int, imgsz: int, device: torch.device, env: dist.Dist
     local = batch // env.world_size
     lo, hi = env.rank * local, (env.rank + 1) * local
     keep = (index >= lo) & (index < hi)
-    return {"img": images[lo:hi].to(device), "cls": classes[keep].to(device), "bboxes": boxes[keep].to(device),
-            "batch_idx": (index[keep] - lo).float().to(device)}
+    return {"img": images[lo:hi].to(device, memory_format=layout), "cls": classes[keep].to(device),
+            "bboxes": boxes[keep].to(device), "batch_idx": (index[keep] - lo).float().to(device)}
 
 
 def _gather(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -212,7 +216,7 @@ def _publish(cfg: CompareConfig, folder: Path, rows: list[dict[str, Any]]) -> di
         s["sent_vs_ddp"] = s["sent_MiB_per_step"] / ddp["sent_MiB_per_step"] if ddp["sent_MiB_per_step"] else None
     folder.mkdir(parents=True, exist_ok=True)
     result = {"config": {k: getattr(cfg, k) for k in ("model", "strategies", "nproc", "imgsz", "batch", "precision",
-                                                       "steps", "optimizer", "budget")},
+                                                       "steps", "optimizer", "budget", "channels_last", "compile")},
               "device": _device_name(), "method": __doc__.split("\n\n", 1)[1].split("\n\nSelf-launched")[0],
               "summary": summary, "ranks": rows}
     (folder / "compare.json").write_text(json.dumps(result, indent=2))

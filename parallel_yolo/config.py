@@ -215,6 +215,10 @@ class CompareConfig:
     """SGD, Adam or AdamW: the ZeRO formula's optimizer-state multiplier follows it."""
     budget: str = "80GiB"
     """Memory per GPU (per process on CPU) for the largest-batch estimate: 80GiB, 24GB, 512MiB ..."""
+    channels_last: bool = False
+    """Weights and images in channels-last memory format (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """torch.compile the model before the strategy wraps it (the first step, which compiles, is not timed)."""
     device: str | None = None
     project: str = "runs/compare"
     name: str = "compare"
