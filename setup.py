@@ -17,6 +17,7 @@ setup(
         "ultralytics>=8.4.190,<8.5",
         "safetensors>=0.4",
         "pyyaml>=6.0",
+        "rich>=13",  # `parallel-yolo compare` prints its table with it
     ],
     extras_require={"test": ["pytest>=8", "onnx"]},  # onnx: the test that exports a consolidated .pt
     entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:main"]},

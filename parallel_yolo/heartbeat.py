@@ -54,7 +54,10 @@ class Heartbeat:
         _current = None
 
     def explain(self, error: BaseException) -> PeerLost | None:
-        """Why a collective failed, naming the rank; None when every rank is alive and level with this one."""
+        """Why a collective failed, naming the rank; None when it is not a collective's failure, or every other
+        rank is alive and not behind (then the error is this rank's own, and stays as it is)."""
+        if not _from_a_collective(error):
+            return None
         waited = f"the collective this rank waited in failed ({_first_line(error)}; timeout={self.timeout_s:g}s)"
         try:
             before = self._read()
@@ -63,14 +66,14 @@ class Heartbeat:
         except RuntimeError:
             return PeerLost(f"{waited}; the rendezvous store at {self.address} does not answer either, so rank 0 "
                             "(or the launcher that hosts the store) has died or stopped")
-        silent = [r for r in after if r != self.rank and (r not in before or before[r]["beats"] == after[r]["beats"])]
-        silent += [r for r in range(self.world_size) if r not in after and r != self.rank]
+        silent = [r for r in range(self.world_size) if r != self.rank
+                  and (r not in after or (r in before and before[r]["beats"] == after[r]["beats"]))]
         if silent:
             where = ", ".join(f"rank {r} ({_doing(after.get(r))})" for r in sorted(silent))
             return PeerLost(f"{where} stopped answering: {waited}. It died or froze; its own output says why, if it "
                             "printed anything. Resume with resume=true once it is fixed")
         furthest = max(beat["progress"] for beat in after.values())
-        behind = [r for r, beat in after.items() if beat["progress"] < furthest]
+        behind = [r for r, beat in after.items() if beat["progress"] < furthest and r != self.rank]
         if behind:
             where = ", ".join(f"rank {r} ({_doing(after[r])})" for r in sorted(behind))
             return PeerLost(f"{where} fell behind the others and did not join the collective: {waited}")
@@ -100,6 +103,13 @@ class Heartbeat:
     def _read(self) -> dict[int, dict]:
         store, keys = self._client(), {r: f"{self.prefix}{r}" for r in range(self.world_size)}
         return {r: json.loads(store.get(key)) for r, key in keys.items() if store.check([key])}
+
+
+def _from_a_collective(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    words = ("gloo", "nccl", "timed out", "timeout", "connection", "closed by peer", "pair", "socket")
+    return isinstance(error, dist.DistError) or any(w in str(error).lower() for w in words)
 
 
 def _doing(beat: dict | None) -> str:
