@@ -84,8 +84,7 @@ def _train(tokens: list[str]) -> int:
         cfg = resume.resolve(tokens, launched=env.launched, world_size=env.world_size,
                              launcher_choice=from_launcher(env))
         tokens = [*tokens, f"resume={cfg.resume}"]  # the processes started below load this very checkpoint
-    if cfg.nproc and env.launched and cfg.nproc != env.world_size:
-        raise ConfigError(f"nproc={cfg.nproc} but the launcher started {env.world_size} processes; drop nproc=")
+    dist.check_nproc(cfg.nproc, env)
     if cfg.nproc and not env.launched:
         preflight(cfg, world_size=cfg.nproc)
         return dist.launch_local(cfg.nproc, ["train", *tokens], max_restarts=cfg.max_restarts)

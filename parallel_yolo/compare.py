@@ -30,7 +30,7 @@ import torch
 
 from . import dist, memory, yolo
 from .comm import CommCounter
-from .config import CompareConfig, ConfigError, TrainConfig
+from .config import CompareConfig, TrainConfig
 from .precision import policy
 from .runlog import RunLog
 from .strategies import create, preset
@@ -43,8 +43,7 @@ MIB = 2**20
 def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
     """Measure every strategy; on rank 0 (or in the parent of a self-launch) write and print the results."""
     env = dist.read_env()
-    if cfg.nproc and env.launched and cfg.nproc != env.world_size:
-        raise ConfigError(f"nproc={cfg.nproc} but the launcher started {env.world_size} processes; drop nproc=")
+    dist.check_nproc(cfg.nproc, env)
     folder = Path(cfg.project) / cfg.name
     if not env.launched and cfg.nproc:  # one fresh group per strategy
         folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok)
@@ -61,9 +60,9 @@ def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
     device = dist.pick_device(env, cfg.device)
     rows = []
     with dist.process_group(env, device, timeout_s=cfg.timeout):
-        folder = Path(_broadcast(folder))
+        folder = Path(dist.broadcast_object(folder))
         for name in cfg.strategy_list:
-            rows.append({"strategy": name, "ranks": _gather(measure(name, cfg, env=env, device=device))})
+            rows.append({"strategy": name, "ranks": dist.gather_object(measure(name, cfg, env=env, device=device))})
         if env.is_main and cfg._part:
             (folder / "parts").mkdir(parents=True, exist_ok=True)
             for row in rows:
@@ -98,6 +97,7 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     local = cfg.batch // env.world_size
     counter, times, states = CommCounter(env.world_size), [], {}
     batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
+    setup_peak = _peak(strategy, device)  # building and wrapping the model; the steps are measured from here
     memory.reset_peak(device)
     with counter:
         for step in range(cfg.steps):
@@ -112,14 +112,13 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     for _ in range(2):  # twice the images: the slope of the peak is the activation memory per image
         _train_step(strategy, ema, criterion, double, account=False)
     peak_double = _peak(strategy, device)
-    whole = strategy.memory_report(ema)
     result = {
         "rank": env.rank, "numel": numel, "images_per_rank": local,
         "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
         "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
                                   master=strategy.master_copy, optimizer=cfg.optimizer),
         "peak_bytes": peak, "peak_double_batch_bytes": peak_double,
-        "peak_with_setup_bytes": whole.get("peak_above_baseline_bytes", whole.get("peak_allocated_bytes")),
+        "peak_setup_bytes": setup_peak,
         "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),
         "sent_theory_bytes": None if strategy.comm_volume is None else round(
             strategy.comm_volume * (env.world_size - 1) / env.world_size * 4 * numel),
@@ -166,22 +165,6 @@ def synthetic_batch(batch: int, imgsz: int, device: torch.device, env: dist.Dist
     keep = (index >= lo) & (index < hi)
     return {"img": images[lo:hi].to(device, memory_format=layout), "cls": classes[keep].to(device),
             "bboxes": boxes[keep].to(device), "batch_idx": (index[keep] - lo).float().to(device)}
-
-
-def _gather(row: dict[str, Any]) -> list[dict[str, Any]]:
-    if not torch.distributed.is_initialized():
-        return [row]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, row)
-    return out
-
-
-def _broadcast(value: Any) -> Any:
-    if not torch.distributed.is_initialized():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---- results --------------------------------------------------------------------------------------------------------

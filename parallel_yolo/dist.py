@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = ["DistEnv", "read_env", "process_group", "init_process_group", "destroy", "launch_local",
-           "cpu_threads_per_process"]
+           "cpu_threads_per_process", "gather_object", "broadcast_object", "check_nproc"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -150,6 +150,30 @@ def _die_with_launcher() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != launcher:  # it died before the request was in place
         os._exit(1)
+
+
+def gather_object(obj):
+    """Every rank's value of a picklable object, in rank order, on every rank ([obj] without a group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank (obj itself without a group)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_nproc(nproc: int | None, env: DistEnv) -> None:
+    """`nproc=` under a launcher must agree with the processes it started."""
+    if nproc and env.launched and nproc != env.world_size:
+        raise ConfigError(f"nproc={nproc} but the launcher started {env.world_size} processes; drop nproc=")
 
 
 def destroy() -> None:

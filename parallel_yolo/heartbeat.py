@@ -101,8 +101,9 @@ class Heartbeat:
                 return
 
     def _read(self) -> dict[int, dict]:
-        store, keys = self._client(), {r: f"{self.prefix}{r}" for r in range(self.world_size)}
-        return {r: json.loads(store.get(key)) for r, key in keys.items() if store.check([key])}
+        keys = {r: f"{self.prefix}{r}" for r in range(self.world_size)}
+        with self._lock:
+            return {r: json.loads(self._store.get(key)) for r, key in keys.items() if self._store.check([key])}
 
 
 def _from_a_collective(error: BaseException) -> bool:

@@ -99,17 +99,16 @@ def after_restart(tokens: list[str], record: Path | None) -> list[str] | None:
     the same command again, in the same run folder. None when the launch had already finished its work."""
     if record is None or not record.is_file():
         return tokens  # the group failed before it had a run folder: start again
-    run, since = Path(record.read_text().strip()), record.stat().st_mtime
+    run, since, given = Path(record.read_text().strip()), record.stat().st_mtime, read_overrides(tokens)
     written = [c for c in candidates(run) if (c / "manifest.json").is_file()
                and (c / "manifest.json").stat().st_mtime >= since]
     if not written:
-        given = read_overrides(tokens)
         return tokens if given.get("resume") else [*tokens, f"project={run.parent}", f"name={run.name}",
                                                    "exist_ok=true"]
     chosen, manifest, skipped = _newest_intact(written)
     for problem in skipped:
         print(f"parallel-yolo: warning: {problem}", file=sys.stderr, flush=True)
-    max_steps = build(TrainConfig, read_overrides(tokens)).max_steps
+    max_steps = build(TrainConfig, given).max_steps
     if manifest["done"] or (max_steps and manifest["step"] >= max_steps):
         return None
     if os.environ.get("RANK", "0") == "0":

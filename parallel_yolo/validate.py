@@ -89,11 +89,7 @@ def run_val(cfg) -> dict[str, float] | None:
         per_rank = max(cfg.batch // env.world_size, 1)
         dataset = build_dataset(hyp, data, cfg.split, batch=per_rank, stride=stride, mode="val", rect=True)
         loader = val_loader(dataset, batch=per_rank, workers=cfg.workers, distributed=env.launched)
-        folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None
-        if env.launched:
-            box = [folder]
-            torch.distributed.broadcast_object_list(box, src=0)
-            folder = box[0]
+        folder = dist.broadcast_object(RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None)
         Path(folder).mkdir(parents=True, exist_ok=True)
         model.args = hyp
         evaluator = Evaluator(loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,

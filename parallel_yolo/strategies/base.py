@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import memory
-from ..dist import DistEnv
+from ..dist import DistEnv, broadcast_object, gather_object
 from ..precision import PrecisionPolicy
 
 __all__ = ["Strategy", "ReplicatedEMA", "ParamShard", "OptimizerSpan", "MAX_GRAD_NORM"]
@@ -109,19 +109,11 @@ class Strategy:
 
     def gather_object(self, obj: Any) -> list[Any]:
         """Every rank's value of a picklable object, in rank order, on every rank."""
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        return gather_object(obj)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        return broadcast_object(obj)
 
     # ---- model and optimizer -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
