@@ -1,18 +1,21 @@
 """`parallel-yolo compare`: what each strategy costs per rank for one model, measured beside theory.
 
-Each strategy trains `steps` optimizer steps on one synthetic batch (the same images for every strategy), then two
-more at twice the batch. Per rank it records:
+Each strategy first takes four optimizer steps to measure memory (two to warm up, one at the batch, one at twice the
+batch), then `steps` timed steps, all on one synthetic batch (the same images for every strategy). Per rank it
+records:
 - model-state bytes by category, counted from the tensors the rank holds (unique storages) just before the last
-  optimizer step (gradients present), beside memory.formula for that strategy and optimizer;
-- peak memory of the training steps above the baseline taken before the model was built (CPU: peak resident set;
-  CUDA: peak allocated), and of the whole run including setup;
+  timed optimizer step (gradients present), beside memory.formula for that strategy and optimizer;
+- peak memory of a training step above the baseline taken before the model was built (CUDA: peak allocated; CPU:
+  peak resident set with glibc returning freed memory at once, memory.returning_freed_memory, so that it follows
+  the live tensors as CUDA's figure does), and of the setup (building and wrapping the model);
 - activation memory: peak minus model states; with the peaks at two batch sizes, a linear fit
   peak(b) = fixed + b x per_image gives the largest per-GPU batch that fits `budget`;
 - bytes sent per step, counted by wrapping the collectives (comm.py), beside the strategy's theory;
-- step time (median of the steps after the first) and images/s.
+- step time (median of the timed steps after the first, under glibc's default policy) and images/s.
 
 Self-launched (`nproc=N`), every strategy gets fresh processes, so none inherits another's memory; under an
-external launcher the strategies run one after another in the same processes (peaks are reset in between).
+external launcher the strategies run one after another in the same processes: peaks are reset in between, but a
+strategy after the first starts with the heap the earlier ones grew, whose holes its peaks may count.
 Outputs: a table, and compare.json, compare.csv and compare.png in the run folder.
 """
 
@@ -75,15 +78,51 @@ def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
 # ---- one strategy on this rank --------------------------------------------------------------------------------------
 def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device) -> dict[str, Any]:
     gc.collect()
-    memory.release_freed()
-    memory.reset_peak(device)
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
+    # memory first: once glibc's heap has grown under its default policy, later steps reuse its holes and the
+    # resident set no longer follows the live tensors
+    with memory.returning_freed_memory():
+        memory.reset_peak(device)
+        strategy, ema, criterion, numel = _build(name, cfg, env=env, device=device, layout=layout)
+        peaks = {"setup": _peak(strategy, device)}
+        for phase, images in (("warm-up", batch), ("warm-up", batch), ("batch", batch), ("double", double)):
+            memory.reset_peak(device)  # two warm-up steps: optimizer state and DDP's buckets exist from step 3 on
+            _train_step(strategy, ema, criterion, images, account=False)
+            peaks[phase] = _peak(strategy, device)
+    counter, times, states = CommCounter(env.world_size), [], {}
+    with counter:
+        for step in range(cfg.steps):
+            if step == 1:
+                counter.reset()  # the first step includes the heap's growth (and compilation)
+            start = time.perf_counter()
+            states = _train_step(strategy, ema, criterion, batch, account=step == cfg.steps - 1) or states
+            times.append(time.perf_counter() - start)
+    sent = counter.total / (cfg.steps - 1)
+    result = {
+        "rank": env.rank, "numel": numel, "images_per_rank": cfg.batch // env.world_size,
+        "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
+        "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
+                                  master=strategy.master_copy, optimizer=cfg.optimizer),
+        "peak_bytes": peaks["batch"], "peak_double_batch_bytes": peaks["double"], "peak_setup_bytes": peaks["setup"],
+        "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),
+        "sent_theory_bytes": None if strategy.comm_volume is None else round(
+            strategy.comm_volume * (env.world_size - 1) / env.world_size * 4 * numel),
+        "step_s": statistics.median(times[1:]), "images_per_s": cfg.batch / statistics.median(times[1:]),
+    }
+    del strategy, ema, criterion
+    gc.collect()
+    return result
+
+
+def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device, layout: torch.memory_format):
+    """The strategy with the model set up on it, its EMA, the loss, and the model's parameter count."""
     train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
                             strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
     hyp = yolo.hyp_namespace(train_cfg)
     strategy = create(name, env=env, device=device, precision=policy(cfg.precision), options=preset(name))
     model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
     criterion = yolo.build_criterion(model)
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     if cfg.compile:
         model.compile()
@@ -93,40 +132,7 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     del model
     memory.release_freed()
     strategy.expose_communication()
-    ema = strategy.make_ema()
-    local = cfg.batch // env.world_size
-    counter, times, states = CommCounter(env.world_size), [], {}
-    batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
-    setup_peak = _peak(strategy, device)  # building and wrapping the model; the steps are measured from here
-    memory.reset_peak(device)
-    with counter:
-        for step in range(cfg.steps):
-            if step == 1:
-                counter.reset()  # the first step includes lazy initialisation (and compilation)
-            start = time.perf_counter()
-            states = _train_step(strategy, ema, criterion, batch, account=step == cfg.steps - 1) or states
-            times.append(time.perf_counter() - start)
-    sent = counter.total / (cfg.steps - 1)
-    peak = _peak(strategy, device)
-    memory.reset_peak(device)
-    for _ in range(2):  # twice the images: the slope of the peak is the activation memory per image
-        _train_step(strategy, ema, criterion, double, account=False)
-    peak_double = _peak(strategy, device)
-    result = {
-        "rank": env.rank, "numel": numel, "images_per_rank": local,
-        "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
-        "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
-                                  master=strategy.master_copy, optimizer=cfg.optimizer),
-        "peak_bytes": peak, "peak_double_batch_bytes": peak_double,
-        "peak_setup_bytes": setup_peak,
-        "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),
-        "sent_theory_bytes": None if strategy.comm_volume is None else round(
-            strategy.comm_volume * (env.world_size - 1) / env.world_size * 4 * numel),
-        "step_s": statistics.median(times[1:]), "images_per_s": cfg.batch / statistics.median(times[1:]),
-    }
-    del strategy, ema, criterion
-    gc.collect()
-    return result
+    return strategy, strategy.make_ema(), criterion, numel
 
 
 def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
