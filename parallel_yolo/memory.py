@@ -57,7 +57,7 @@ def returning_freed_memory(threshold: int = 64 * 1024) -> Iterator[None]:
     resident memory follows the live tensors, as CUDA's peak allocated bytes do. By default glibc slides that
     threshold up to 32 MiB as large blocks are freed and serves them from its heap, whose freed pages stay resident:
     a peak of resident memory then also counts holes that depend on the order of allocations (yolov8x, 2 processes,
-    fsdp: 1684 MiB above baseline that way, 1264 MiB this way). Enter before the heap has grown: requests that fit
+    fsdp: 1684 MiB above baseline that way, 1241 MiB this way). Enter before the heap has grown: requests that fit
     a hole of a grown heap are served from it whatever the threshold. Inside is slower (a page fault for every fresh
     page): measure times outside. On exit the thresholds are set to glibc's steady state."""
     libc = _glibc()
