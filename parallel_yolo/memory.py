@@ -19,7 +19,7 @@ __all__ = ["current_rss", "peak_rss", "reset_peak", "storage_bytes", "report", "
            "returning_freed_memory", "OPTIMIZER_STATES", "CATEGORIES"]
 
 CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
-"""Model states by category; `master`: a separate full-precision copy of the weights (DeepSpeed keeps one)."""
+"""Model states by category; `master`: a separate full-precision copy of the weights (zero3_offload's, in CPU memory)."""
 
 OPTIMIZER_STATES = {"SGD": 1, "Adam": 2, "AdamW": 2}
 """Tensors of optimizer state per parameter (SGD: momentum; Adam, AdamW: both moments), each the parameter's size."""
@@ -136,7 +136,7 @@ def formula(*, numel: int, world_size: int, sharded: frozenset[str], master: boo
     ZeRO-3 / FSDP: + parameters, and then our EMA too). `master`: a separate fp32 copy of the weights, sharded like
     the optimizer state. Our precision policies keep weights, gradients and optimizer state in fp32 (autocast
     computes in low precision), so every state is `element_bytes` per element: with the paper's Adam in mixed
-    precision that would be 2 + 2 + 12 bytes per parameter; here Adam is 4 + 4 + 8 (+ 4 master under DeepSpeed).
+    precision that would be 2 + 2 + 12 bytes per parameter; here Adam is 4 + 4 + 8 (+ 4 master under zero3_offload).
     """
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no formula for optimizer {optimizer}")

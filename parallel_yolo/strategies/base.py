@@ -62,7 +62,7 @@ class Strategy:
     sharded: ClassVar[frozenset[str]] = frozenset()
     """Model states split over the ranks: of params, grads, optimizer_state (memory.formula's categories)."""
     master_copy: ClassVar[bool] = False
-    """Whether the backend keeps a separate fp32 copy of the weights (DeepSpeed's master partitions)."""
+    """Whether the backend keeps a separate fp32 copy of the weights (zero3_offload's master partitions in CPU memory)."""
     comm_volume: ClassVar[float | None] = 0.0
     """Bytes sent per step in theory, in units of (N-1)/N x the gradient bytes (comm.py's ring algorithms): DDP
     all-reduces the gradients (2); ZeRO-3 / FSDP also gather the parameters twice (3); None: no simple formula."""

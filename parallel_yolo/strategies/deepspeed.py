@@ -255,10 +255,9 @@ def _unshare_stateless_children(model: torch.nn.Module) -> None:
     import copy
 
     seen: set[int] = set()
-    for parent in list(model.modules()):
+    for parent in list(model.modules()):  # listed first: the loop replaces children
         for name, child in list(parent.named_children()):
-            if id(child) in seen and not any(True for _ in child.parameters()) and \
-                    not any(True for _ in child.buffers()):
+            if id(child) in seen and next(child.parameters(), None) is None and next(child.buffers(), None) is None:
                 setattr(parent, name, copy.deepcopy(child))
             seen.add(id(child))
 
