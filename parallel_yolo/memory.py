@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 __all__ = ["current_rss", "peak_rss", "reset_peak", "storage_bytes", "report", "formula", "release_freed",
-           "returning_freed_memory", "OPTIMIZER_STATES", "CATEGORIES"]
+           "returning_freed_memory", "release_pages", "OPTIMIZER_STATES", "CATEGORIES"]
 
 CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
 """Model states by category; `master`: a separate full-precision copy of the weights (zero3_offload's, in CPU memory)."""
@@ -71,6 +71,27 @@ def returning_freed_memory(threshold: int = 64 * 1024) -> Iterator[None]:
         if libc is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MMAP_CEILING)
             libc.mallopt(_M_TRIM_THRESHOLD, _DYNAMIC_TRIM_CEILING)
+
+
+_MADV_DONTNEED = 4  # Linux's number, from <sys/mman.h>
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Give the whole memory pages under a CPU tensor back to the OS (madvise MADV_DONTNEED): the tensor keeps its
+    address, and those pages read as zeros and are resident again only once written. For a buffer that is
+    written before it is read again, like ZeRO-3's gradient partitions between two steps; only for anonymous memory
+    (a file-backed tensor would read its file again). A no-op elsewhere than on Linux's glibc, on a device, or for
+    pinned memory (page-locked for DMA: its pages must stay)."""
+    import ctypes
+
+    libc = _glibc()
+    if libc is None or tensor.device.type != "cpu" or tensor.is_pinned():
+        return
+    page = resource.getpagesize()
+    start = -(-tensor.data_ptr() // page) * page  # inward to whole pages: the edges may hold other tensors' bytes
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end > start:
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
 
 
 def current_rss() -> int:

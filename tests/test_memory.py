@@ -35,3 +35,19 @@ def test_freed_tensors_leave_the_resident_set_only_when_asked():
                 for mode in ("default", "inside")}
     assert returned["inside"] > 60, returned  # MiB given back of the 64 freed
     assert returned["default"] < 40, returned  # glibc keeps at least a third in its heap (0 or 32 MiB back here)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise")
+def test_released_pages_leave_the_resident_set_and_read_as_zeros():
+    import torch
+
+    from parallel_yolo import memory
+
+    buffer = torch.ones(16 * 2**20)  # 64 MiB
+    before = memory.current_rss()
+    memory.release_pages(buffer)
+    assert (before - memory.current_rss()) / 2**20 > 60
+    inner = buffer[4096:-4096]  # the partial pages at both ends are kept
+    assert inner.abs().sum() == 0 and buffer.shape == (16 * 2**20,)
+    buffer.fill_(2.0)
+    assert (memory.current_rss() - before) / 2**20 > -4 and buffer.sum() == 2 * buffer.numel()

@@ -34,3 +34,37 @@ def test_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
         yolo.build_model(str(tmp_path / "bad.pt"), nc=3, names={}, hyp=None)
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW"])
+def test_optimizer_steps_with_the_fused_kernel_and_the_same_result(name):
+    cfg = TrainConfig(optimizer=name, lr0=0.01)
+    hyp = yolo.hyp_namespace(cfg)
+    models = [yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = yolo.optimizer_factory(cfg, hyp, nc=3, dataset_size=8, weight_decay=0.0005)(models[0])
+    assert all(group["fused"] for group in fused.param_groups)
+    reference = type(fused)([{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+                              "params": _twins(g["params"], models)} for g in fused.param_groups])
+    assert not any(group["fused"] for group in reference.param_groups)  # torch's default loop on CPU
+    for _ in range(3):
+        for model in models:
+            for p in model.parameters():
+                p.grad = torch.sin(p.detach() * 7 + 1)
+        fused.step()
+        reference.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _twins(params, models):
+    """The second model's parameters at the places of `params` in the first."""
+    index = {id(p): i for i, p in enumerate(models[0].parameters())}
+    twins = list(models[1].parameters())
+    return [twins[index[id(p)]] for p in params]
+
+
+def test_other_optimizers_are_left_as_built():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = yolo.fused(torch.optim.RMSprop(params))
+    assert "fused" not in optimizer.param_groups[0]
