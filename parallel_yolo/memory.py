@@ -10,6 +10,7 @@ reserved.
 from __future__ import annotations
 
 import contextlib
+import functools
 import resource
 from collections.abc import Iterable, Iterator
 
@@ -25,6 +26,7 @@ OPTIMIZER_STATES = {"SGD": 1, "Adam": 2, "AdamW": 2}
 """Tensors of optimizer state per parameter (SGD: momentum; Adam, AdamW: both moments), each the parameter's size."""
 
 
+@functools.cache
 def _glibc():
     import ctypes
     import sys

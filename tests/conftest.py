@@ -72,6 +72,15 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 300) -> No
     raise AssertionError(f"not reached in {timeout}s")
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rows(csv_path: Path) -> int:
     return max(len(csv_path.read_text().splitlines()) - 1, 0) if csv_path.exists() else 0
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from conftest import check, run_cli
+from conftest import check, free_port, run_cli
 from parallel_yolo import memory
 from parallel_yolo.comm import CommCounter, ring_bytes
 
@@ -69,11 +69,8 @@ def _count_all_reduce(rank: int, world: int, port: int, out) -> None:
 
 def test_counter_counts_a_known_all_reduce_exactly():
     import multiprocessing
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     workers = [context.Process(target=_count_all_reduce, args=(r, 2, port, out)) for r in range(2)]

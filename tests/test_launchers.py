@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT, TINY, check, read_csv, run_cli
+from conftest import ROOT, TINY, check, free_port, read_csv, run_cli
 
 SHORT = [*TINY, "batch=8", "max_steps=2", "val=false", "project=runs", "name=run"]
 
@@ -72,14 +72,6 @@ def test_periodic_checkpoints_rotate(workdir):
     assert kept == ["step_4", "step_5"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TWO_NODE_RUN = [*TINY, "batch=8", "nbs=8", "fraction=0.09", "val=false", "optimizer=SGD", "lr0=0.01", "name=run"]
 
 
@@ -95,7 +87,7 @@ def test_two_nodes_train_like_four_processes_on_one(strategy, tmp_path):
 
     from conftest import load_weights
 
-    port, tokens = _free_port(), [*TWO_NODE_RUN, f"strategy={strategy}"]
+    port, tokens = free_port(), [*TWO_NODE_RUN, f"strategy={strategy}"]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
                                "--node-rank", str(node), "--rdzv-backend", "c10d",
                                "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "parallel_yolo", "train", *tokens,

@@ -5,21 +5,16 @@ Ultralytics' three param groups (with their own lr and weight decay) still in th
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from parallel_yolo.strategies import REGISTRY
 
 DISTRIBUTED = sorted(name for name in REGISTRY if name != "single")
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
@@ -72,7 +67,7 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
 @pytest.mark.parametrize("name", DISTRIBUTED)
 def test_state_is_identical_on_every_rank(name, tmp_path):
     out = str(tmp_path / "state.pt")
-    mp.spawn(_worker, args=(2, _port(), name, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), name, out), nprocs=2, join=True)
     (buf0, sync0, full0, ema0, groups0), (buf1, sync1, full1, ema1, groups1) = torch.load(out, weights_only=False)
     assert any(not torch.equal(a, b) for a, b in zip(buf0, buf1)), "ranks saw different images"
     assert all(torch.allclose(a, b, rtol=0, atol=0) for a, b in zip(sync0, sync1))

@@ -4,16 +4,10 @@ the whole world and on a subgroup, in place or not, synchronous or not."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -43,6 +37,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_all_gather_by_broadcasts_matches_torch(tmp_path):
-    mp.spawn(_worker, args=(3, _port(), str(tmp_path)), nprocs=3)
+    mp.spawn(_worker, args=(3, free_port(), str(tmp_path)), nprocs=3)
     results = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(3)}
     assert results == {0: [True], 1: [True, True], 2: [True, True]}
