@@ -1,6 +1,6 @@
-"""Per-rank state after real steps, for every distributed strategy on 2 gloo processes: BatchNorm buffers averaged
-over ranks (without touching each rank's own) in the full state dict and the assembled EMA identical on every rank, and
-Ultralytics' three param groups (with their own lr and weight decay) still in the optimizer."""
+"""Per-rank state after real steps, for every distributed strategy but zero1 on 2 gloo processes: BatchNorm buffers
+averaged over ranks (without touching each rank's own) in the full state dict and the assembled EMA identical on every
+rank, and Ultralytics' three param groups (with their own lr and weight decay) still in the optimizer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from conftest import free_port
 
 from parallel_yolo.strategies import REGISTRY
 
-DISTRIBUTED = sorted(name for name in REGISTRY if name != "single")
+# zero1 runs zero2's code here (one class, DeepSpeed's stage apart; the contract test trains both)
+DISTRIBUTED = sorted(name for name in REGISTRY if name not in {"single", "zero1"})
 
 
 
