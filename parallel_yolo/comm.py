@@ -4,10 +4,10 @@ DeepSpeed and FSDP2 call torch.distributed's Python collectives, so replacing th
 every call; DDP's reducer all-reduces from C++, so DDP reports its buckets through a communication hook
 (`Strategy.count_communication`). Bytes are what one rank sends under the ring algorithms (what NCCL and gloo use
 for large tensors), from the size S of the full tensor, on N ranks:
-all-reduce 2(N-1)/N S, reduce-scatter and all-gather (N-1)/N S, broadcast (N-1)/N S; a point-to-point send S
-(on gloo, ZeRO-1/2's reduce is a send from each rank but the owner: (N-1)/N S per rank over the owners). With those, DDP sends
-2(N-1)/N x the gradient bytes per step, ZeRO-1/2 the same (reduce-scatter + all-gather), ZeRO-3 and FSDP
-3(N-1)/N (parameters gathered for forward and again for backward).
+all-reduce 2(N-1)/N S, reduce-scatter and all-gather (N-1)/N S, broadcast (N-1)/N S, a point-to-point send S (on
+gloo, ZeRO-1/2's reduce is a send from every rank but the owner: (N-1)/N S per rank over the N owners). With those,
+DDP sends 2(N-1)/N x the gradient bytes per step, ZeRO-1/2 the same (reduce-scatter + all-gather), ZeRO-3 and
+FSDP 3(N-1)/N (parameters gathered for forward and again for backward).
 """
 
 from __future__ import annotations
