@@ -32,8 +32,7 @@ _COLLECTIVES = {
     "reduce": ("tensor", lambda n: (n - 1) / n),
     "all_gather": ("tensor_list", lambda n: (n - 1) / n),
     "reduce_scatter": ("input_list", lambda n: (n - 1) / n),
-    "isend": ("tensor", lambda n: 1),  # point to point: the whole tensor
-    "send": ("tensor", lambda n: 1),
+    "isend": ("tensor", lambda n: 1),  # point to point (ZeRO-1/2's reduce on gloo): the whole tensor
 }
 
 

@@ -17,7 +17,6 @@ from parallel_yolo.strategies import REGISTRY
 DISTRIBUTED = sorted(name for name in REGISTRY if name not in {"single", "zero1"})
 
 
-
 def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
