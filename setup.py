@@ -20,5 +20,5 @@ setup(
         "rich>=13",  # `parallel-yolo compare` prints its table with it
     ],
     extras_require={"test": ["pytest>=8", "onnx"]},  # onnx: the test that exports a consolidated .pt
-    entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:main"]},
+    entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:run"]},
 )

@@ -6,14 +6,17 @@ local processes through torch's elastic launcher, each of which runs this same e
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import time
 
 from .config import (CompareConfig, ConfigError, ConsolidateConfig, TrainConfig, Unanimous, ValConfig,
                      parse_overrides)
 from .heartbeat import PeerLost
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 USAGE = """usage: parallel-yolo COMMAND key=value ...
 
@@ -28,6 +31,27 @@ commands:
 
 launch: add nproc=N for N local processes, or run under torchrun / accelerate launch / deepspeed.
 """
+
+
+def run() -> None:
+    """The `parallel-yolo` command and `python -m parallel_yolo`: `main`, then a quick exit.
+
+    Python's teardown of the torch, DeepSpeed and Ultralytics modules takes ~0.8 s per process on a 2-core machine,
+    and a launch waits for it in every worker and then in the launcher. What the teardown does that matters is done
+    here first: waiting for non-daemon threads, the atexit handlers (logging, multiprocessing's children, weakref
+    finalizers) and flushing the standard streams. An exception leaves through Python's usual exit."""
+    import atexit
+    import threading
+
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a reader that went away (`| head`)
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,16 +77,34 @@ def main(argv: list[str] | None = None) -> int:
             consolidate(checkpoint=cfg.checkpoint, out=cfg.out, weights=cfg.weights)
             return 0
         raise ConfigError(f"unknown command '{command}'; use train, val, consolidate, compare or help")
-    except ConfigError as e:
-        if not isinstance(e, Unanimous) or os.environ.get("RANK", "0") == "0":
-            print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except PeerLost as e:
-        print(f"parallel-yolo: error: {e}", file=sys.stderr, flush=True)
-        return 1
+    except (ConfigError, PeerLost) as e:
+        code = 2 if isinstance(e, ConfigError) else 1
+        _report(str(e), exitcode=code, every_rank=not isinstance(e, Unanimous))
+        return code
     except KeyboardInterrupt:
         print("parallel-yolo: interrupted", file=sys.stderr)
         return 130
+
+
+LAUNCHER_REPORTS = "PARALLEL_YOLO_LAUNCHER_REPORTS"
+"""Set by `nproc=N`'s launcher (dist.launch_local) for its processes: it prints the failed group's error itself."""
+
+
+def _report(message: str, *, exitcode: int, every_rank: bool) -> None:
+    """A rank's error, in one line on stderr and in the file torch's elastic agent reads (TORCHELASTIC_ERROR_FILE),
+    which torchrun's summary and our own launcher show. Under our launcher the rank does not print: once one rank
+    has failed, the agent stops the others, perhaps the very rank that was about to print a shared error, so the
+    launcher prints the cause after the group has stopped. Unless the group restarts, which the launcher does not
+    report: then the rank prints, as without it."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError), open(error_file, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time()), "exitcode": exitcode}, f)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if os.environ.get(LAUNCHER_REPORTS) and restarts >= int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0):
+        return
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"parallel-yolo: error: {message}", file=sys.stderr, flush=True)
 
 
 def _train(tokens: list[str]) -> int:

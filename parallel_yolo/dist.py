@@ -189,28 +189,56 @@ def launch_local(nproc: int, argv: list[str], *, max_restarts: int = 0) -> int:
 
     The children see RANK / WORLD_SIZE like under torchrun, so they take the same code path as any launcher. When
     one fails, the others are stopped, and with `max_restarts` the whole group is started again (the restarted
-    processes see TORCHELASTIC_RESTART_COUNT > 0 and resume). Returns 0, or the first failing child's exit code.
+    processes see TORCHELASTIC_RESTART_COUNT > 0 and resume). When the group fails for good, its cause is printed
+    here in one line (see `first_cause`). Returns 0, or the failing rank's exit code.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # every failing rank reports itself in one line (or with its traceback); the agent's log lines around them
-    # (closing signals, exit codes, restart notices) would bury it
+    from .cli import LAUNCHER_REPORTS
+
+    # the agent's log lines (closing signals, exit codes, restart notices) would bury the one line that matters
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=max_restarts, monitor_interval=0.5,
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=max_restarts, monitor_interval=0.1,
     )
+    os.environ[LAUNCHER_REPORTS] = "1"  # the children inherit it
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "parallel_yolo", *argv)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        if failure.exitcode is not None and failure.exitcode < 0:  # killed: it could not say so itself
-            print(f"parallel-yolo: error: rank {rank} was killed by {signal.Signals(-failure.exitcode).name}"
+        rank, exitcode, message = first_cause(e.failures)
+        if message is not None:
+            print(f"parallel-yolo: error: {message}", file=sys.stderr, flush=True)
+        elif exitcode < 0:  # killed: it could not say so itself
+            print(f"parallel-yolo: error: rank {rank} was killed by {signal.Signals(-exitcode).name}"
                   f"{'' if max_restarts else '; add max_restarts=N to restart the group and resume'}",
                   file=sys.stderr, flush=True)
-        return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+        return exitcode if exitcode > 0 else 1
+    finally:
+        os.environ.pop(LAUNCHER_REPORTS, None)
     return 0
+
+
+def first_cause(failures: dict) -> tuple[int, int, str | None]:
+    """The rank whose failure explains a failed group, its exit code, and its error message if it reported one
+    (torch's ProcessFailure per rank, read from the rank's TORCHELASTIC_ERROR_FILE).
+
+    Once one rank fails the agent stops the others with SIGTERM (SIGKILL if one does not stop), so exit codes alone
+    mislead: rank 0, printing an error every rank shares, may be stopped while it does. The cause is, in this order:
+    the earliest error a rank reported (with the exit code it meant to return); a rank killed by a signal other
+    than SIGTERM (it could not report itself; the others may then fail for want of it); a rank that failed with a
+    traceback of its own; a SIGTERM, as from outside the group. Ties go to the lowest rank."""
+    def cause(rank):
+        failure = failures[rank]
+        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
+        code = failure.exitcode if failure.exitcode is not None else 1
+        if isinstance(data.get("message"), str) and "exitcode" in data:  # written by cli._report
+            return (0, failure.timestamp, rank), (rank, int(data["exitcode"]), data["message"])
+        kind = 1 if code < 0 and code != -signal.SIGTERM else 2 if code > 0 else 3
+        return (kind, 0, rank), (rank, code, None)
+
+    return min(cause(rank) for rank in failures)[1]
 
 
 def _free_port() -> int:

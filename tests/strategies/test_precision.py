@@ -23,10 +23,23 @@ def _losses(workdir, name, *extra):
     return [float(r["loss"]) for r in read_csv(run / "steps.csv")], read_csv(run / "steps.csv"), run
 
 
+@pytest.fixture(scope="module")
+def fp32_losses(tmp_path_factory):
+    """A strategy's fp32 losses, trained once for all of its precisions."""
+    losses = {}
+
+    def get(strategy: str) -> list[float]:
+        if strategy not in losses:
+            losses[strategy] = _losses(tmp_path_factory.mktemp(strategy), "fp32", f"strategy={strategy}")[0]
+        return losses[strategy]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,precision", CASES, ids=[f"{s}-{p}" for s, p in CASES])
-def test_mixed_precision_close_to_fp32_and_batchnorm_stays_fp32(strategy, precision, workdir):
-    fp32, _, _ = _losses(workdir, "fp32", f"strategy={strategy}")
+def test_mixed_precision_close_to_fp32_and_batchnorm_stays_fp32(strategy, precision, fp32_losses, workdir):
+    fp32 = fp32_losses(strategy)
     mixed, rows, run = _losses(workdir, "mixed", f"strategy={strategy}", f"precision={precision}")
     first = abs(mixed[0] - fp32[0]) / fp32[0]  # same weights, same images: only the compute dtype differs
     print(f"\n{strategy} {precision}: step-1 loss rel diff {first:.2e}; losses {mixed} vs {fp32}")
