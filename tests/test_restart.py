@@ -43,3 +43,19 @@ def test_killed_rank_restarts_the_group_and_ends_with_the_uninterrupted_weights(
         assert want.keys() == got.keys()
         for key in want:
             assert torch.equal(want[key], got[key]), (stem, key)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_without_restarts_is_named_in_one_line(tmp_path):
+    """The agent stops rank 0 once rank 1 is gone; what the user reads is the cause, not rank 0's SIGTERM."""
+    process = start_cli("train", *CKPT_RUN, "strategy=ddp", "nproc=2", f"project={tmp_path}", "name=run", cwd=tmp_path)
+    try:
+        wait_until(lambda: rows(tmp_path / "run" / "steps.csv") >= 1, process)
+        os.kill(worker_pid(process.pid, rank=1), signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    lines = [line for line in err.splitlines() if line.startswith("parallel-yolo:")]
+    assert process.returncode == 1, err[-3000:]
+    assert lines == ["parallel-yolo: error: rank 1 was killed by SIGKILL; add max_restarts=N to restart the group "
+                     "and resume"], err[-3000:]
