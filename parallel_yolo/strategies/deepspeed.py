@@ -22,6 +22,7 @@ import torch.distributed as dist
 from .. import memory
 from ..ema import ShardedEMA
 from .base import MAX_GRAD_NORM, OptimizerSpan, ParamShard, Strategy
+from .gloo import all_gather_by_broadcasts, reduce_scatter_by_sends
 from .registry import register
 
 __all__ = ["Zero1Strategy", "Zero2Strategy", "Zero3Strategy", "Zero3OffloadStrategy", "import_deepspeed"]
@@ -167,18 +168,20 @@ class ZeroStrategy(Strategy):
 
 
 def _gloo_collectives(deepspeed, optimizer) -> _ReduceBySends | None:
-    """On gloo, point DeepSpeed's all-gather at broadcasts and its reduce at sends, which move the same bytes per rank.
+    """On gloo, point DeepSpeed's all-gather at broadcasts, its reduce-scatter and its reduce at sends, which move
+    the same bytes per rank (strategies/gloo.py for the first two).
 
-    Gloo's all-gather is slow: 2 processes on this 2-core machine, 130 MiB per rank, all_gather_into_tensor 0.26 s,
-    two broadcasts 0.07 s. ZeRO-1/2 gather the updated weights after every step (yolov8x: zero2 optimizer step
-    0.46 -> 0.24 s), ZeRO-3 every layer's parameters (forward 1.83 -> 1.69 s). Gloo's reduce-scatter is slow too
-    (0.29 s against two reduces' 0.19 s), but replacing ZeRO-3's gave no measurable gain in its 8 MB buckets, so it
-    stays. ZeRO-1/2 reduce each gradient bucket to its owners from the backward hooks, synchronously: see
-    `_ReduceBySends` for what sends change there."""
+    ZeRO-1/2 gather the updated weights after every step (yolov8x: zero2 optimizer step 0.46 -> 0.24 s), ZeRO-3
+    every layer's parameters (forward 1.83 -> 1.69 s). ZeRO-3 reduce-scatters its gradient buckets: four
+    alternating `parallel-yolo compare strategies=zero3` runs each way (yolov8x, 320 px, batch 4, 2 processes), step
+    5.67 / 6.01 / 5.60 / 5.64 s through gloo's, 5.71 / 5.53 / 5.43 / 5.51 s through sends. ZeRO-1/2 reduce each
+    gradient bucket to its owners from the backward hooks, synchronously: see `_ReduceBySends` for what sends
+    change there."""
     backend = deepspeed.comm.comm.cdb
     if dist.get_backend() != "gloo" or backend is None:
         return None
-    backend.all_gather_function = _all_gather_by_broadcasts
+    backend.all_gather_function = all_gather_by_broadcasts
+    backend.reduce_scatter_function = reduce_scatter_by_sends
     original = getattr(backend.reduce, "original", backend.reduce)  # the backend outlives each engine
     backend.reduce = _ReduceBySends(original, backend._reduce_op, optimizer)
     return backend.reduce
@@ -235,36 +238,6 @@ class _ReduceBySends:
             if storage != keep:
                 work.wait()
         self.pending = [item for item in self.pending if item[1] == keep]
-
-
-def _all_gather_by_broadcasts(output_tensor, input_tensor, group=None, async_op=False):
-    """torch's all_gather_into_tensor (a flat output holding every rank's input in rank order), as one broadcast
-    from each rank into its slice."""
-    world = dist.get_world_size(group)
-    slices, rank = output_tensor.view(world, -1), dist.get_rank(group)
-    if slices[rank].data_ptr() != input_tensor.data_ptr():  # DeepSpeed often gathers in place
-        slices[rank].copy_(input_tensor.view(-1))
-    handle = _Works([dist.broadcast(slices[r], src=dist.get_global_rank(group or dist.group.WORLD, r), group=group,
-                                    async_op=True) for r in range(world)])
-    if async_op:
-        return handle
-    handle.wait()
-    return None  # as torch's synchronous collectives
-
-
-class _Works:
-    """One handle for several asynchronous collectives."""
-
-    def __init__(self, works):
-        self.works = works
-
-    def wait(self, *args, **kwargs) -> bool:
-        for work in self.works:
-            work.wait()
-        return True
-
-    def is_completed(self) -> bool:
-        return all(work.is_completed() for work in self.works)
 
 
 def _offset(tensor: torch.Tensor, flat: torch.Tensor) -> int:

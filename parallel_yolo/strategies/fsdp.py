@@ -16,12 +16,14 @@ import math
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # set_custom_*'s interfaces
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..ema import ShardedEMA
 from .base import OptimizerSpan, ParamShard, Strategy
+from .gloo import all_gather_by_broadcasts, reduce_scatter_by_sends
 from .registry import register
 
 __all__ = ["FSDPStrategy", "FSDPGradOpStrategy", "HSDPStrategy"]
@@ -52,6 +54,8 @@ class FSDPStrategy(Strategy):
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        if torch.distributed.get_backend() == "gloo":
+            _gloo_collectives(model)
         self._raw = self.model = model
         self.optimizer = make_optimizer(model)
         return self.model, self.optimizer
@@ -109,6 +113,36 @@ class FSDPStrategy(Strategy):
 
     def make_ema(self) -> ShardedEMA:
         return ShardedEMA(self)
+
+
+def _gloo_collectives(model: FSDPModule) -> None:
+    """On gloo, FSDP's all-gathers as broadcasts and its reduce-scatters as sends (strategies/gloo.py). Without CUDA
+    streams FSDP waits for each of them in turn, the all-gather when a layer starts, the reduce-scatter when its
+    gradients are done. yolov8x, 320 px, batch 4, 2 processes on this 2-core machine, per step: all-gathers
+    0.58 -> 0.31 s, reduce-scatters 0.42 -> ~0.2 s; step 5.42 / 5.58 -> 5.04 / 5.25 s in alternating compare runs.
+    Issuing each layer's all-gather asynchronously from the layer before (FSDP's unshard_async_op with explicit
+    prefetch) gave 5.04 / 5.12 s: within the noise, so it is not done."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_custom_all_gather(_BroadcastAllGather())
+            module.set_custom_reduce_scatter(_ReduceScatterBySends())
+
+
+class _Allocate:
+    """FSDP's communication buffers, allocated as FSDP's default does."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+
+class _BroadcastAllGather(_Allocate, AllGather):
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+class _ReduceScatterBySends(_Allocate, ReduceScatter):
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        return reduce_scatter_by_sends(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
 
 
 def _replica_share(p: DTensor) -> tuple[int, int]:
