@@ -83,8 +83,6 @@ def test_two_nodes_train_like_four_processes_on_one(strategy, tmp_path):
     one node its 4 processes form a single shard group, so only the summation order differs."""
     import subprocess
 
-    import torch
-
     from conftest import load_weights
 
     port, tokens = free_port(), [*TWO_NODE_RUN, f"strategy={strategy}"]
