@@ -5,7 +5,8 @@ every call; DDP's reducer all-reduces from C++, so DDP reports its buckets throu
 (`Strategy.count_communication`). Bytes are what one rank sends under the ring algorithms (what NCCL and gloo use
 for large tensors), from the size S of the full tensor, on N ranks:
 all-reduce 2(N-1)/N S, reduce-scatter and all-gather (N-1)/N S, broadcast (N-1)/N S, a point-to-point send S (on
-gloo, ZeRO-1/2's reduce is a send from every rank but the owner: (N-1)/N S per rank over the N owners). With those,
+gloo, ZeRO-1/2's reduce is a send from every rank but the owner, (N-1)/N S per rank over the N owners, and a
+reduce-scatter is a send of each peer's chunk, (N-1)/N S; strategies/gloo.py). With those,
 DDP sends 2(N-1)/N x the gradient bytes per step, ZeRO-1/2 the same (reduce-scatter + all-gather), ZeRO-3 and
 FSDP 3(N-1)/N (parameters gathered for forward and again for backward).
 """
@@ -32,7 +33,7 @@ _COLLECTIVES = {
     "reduce": ("tensor", lambda n: (n - 1) / n),
     "all_gather": ("tensor_list", lambda n: (n - 1) / n),
     "reduce_scatter": ("input_list", lambda n: (n - 1) / n),
-    "isend": ("tensor", lambda n: 1),  # point to point (ZeRO-1/2's reduce on gloo): the whole tensor
+    "isend": ("tensor", lambda n: 1),  # point to point (reduce and reduce-scatter on gloo): the whole tensor
 }
 
 

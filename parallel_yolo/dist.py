@@ -231,9 +231,8 @@ def first_cause(failures: dict) -> tuple[int, int, str | None]:
     traceback of its own; a SIGTERM, as from outside the group. Ties go to the lowest rank."""
     def cause(rank):
         failure = failures[rank]
-        data = failure.error_file_data if isinstance(failure.error_file_data, dict) else {}
-        code = failure.exitcode if failure.exitcode is not None else 1
-        if isinstance(data.get("message"), str) and "exitcode" in data:  # written by cli._report
+        data, code = failure.error_file_data, failure.exitcode
+        if "exitcode" in data:  # written by cli._report (torch's own record has no such key)
             return (0, failure.timestamp, rank), (rank, int(data["exitcode"]), data["message"])
         kind = 1 if code < 0 and code != -signal.SIGTERM else 2 if code > 0 else 3
         return (kind, 0, rank), (rank, code, None)

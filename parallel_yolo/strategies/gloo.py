@@ -3,8 +3,8 @@
 Measured on this 2-core machine, 2 processes: gloo's all_gather_into_tensor of 130 MiB per rank takes 0.26 s, one
 broadcast from each rank into its slice 0.07 s. Gloo's reduce_scatter_tensor (AVG, min of 5) of 8 / 32 / 130 MiB
 input per rank takes 14 / 51 / 173 ms, sending each peer its chunk and adding what arrives 3 / 12 / 89 ms (4
-processes: 14 / 68 / 312 against 6 / 35 / 181 ms). Used by the DeepSpeed strategies (DeepSpeed's all-gather) and
-by FSDP (its all-gathers and reduce-scatters).
+processes: 14 / 68 / 312 against 6 / 35 / 181 ms). Used by the DeepSpeed strategies and by FSDP for their
+all-gathers and reduce-scatters.
 """
 
 from __future__ import annotations
