@@ -75,7 +75,10 @@ def checkpoint_to_resume(resume: bool | str, *, project: str) -> tuple[Path, dic
         run = run_folder_of(path)
         if run is None:
             raise ConfigError(f"resume={resume}: {e}") from None
-        chosen, manifest, skipped = _newest_intact([c for c in candidates(run) if c != path])
+        others = [c for c in candidates(run) if c != path]
+        if not others:  # nothing to fall back to: the named checkpoint's own problem is the answer
+            raise ConfigError(f"resume={resume}: {e}") from None
+        chosen, manifest, skipped = _newest_intact(others)
         return chosen, manifest, [str(e), *skipped]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import checkpoint, data as datamod, dist, memory, yolo
-from .checkpoint import state as ckpt_state
+from .checkpoint import rng, state as ckpt_state
 from .config import ConfigError, TrainConfig, Unanimous
 from .heartbeat import progress
 from .precision import policy
@@ -118,7 +118,7 @@ class Trainer:
         if manifest["scaler"]:
             self.strategy.scaler.load_state_dict(manifest["scaler"])
         if manifest["world_size"] == self.strategy.world_size:
-            ckpt_state.set_rng_state(manifest["ranks"][self.strategy.rank])
+            rng.restore(manifest["ranks"][self.strategy.rank]["rng"])
         for _ in range(manifest["epoch"]):
             if hasattr(self.criterion, "update"):
                 self.criterion.update()  # end-to-end heads decay their one-to-many weight once per epoch
@@ -255,8 +255,8 @@ class Trainer:
                         **{f"lr/pg{i}": g["lr"] for i, g in enumerate(self.groups)}})
         weights = self.log.folder / "weights"
         self._save(weights / "last", fitness=fitness, done=done)
-        if improved:
-            self._save(weights / "best", fitness=fitness, done=done)
+        if improved:  # the same state: linked, not written again
+            ckpt_state.save_copy(weights / "last", weights / "best", strategy=self.strategy)
 
     def _snapshot_buffers(self) -> None:
         """BatchNorm buffers as of the last optimizer step. A checkpoint holds the state at that step and resumes at
@@ -270,7 +270,7 @@ class Trainer:
         epoch, batch, start = *self.position, time.time()
         progress(f"saving {folder.name} at step {self.step}")
         ckpt_state.save(folder, strategy=strategy, ema=self.ema, buffers=self.step_buffers,
-                        rank_meta=ckpt_state.rng_state(), meta={"done": done,
+                        rank_meta={"rng": rng.capture()}, meta={"done": done,
             "strategy": strategy.name, "precision": strategy.precision.name, "world_size": strategy.world_size,
             "micro_batch": self.micro, "step": self.step, "epoch": epoch, "batch": batch, "last_opt": self.last_opt,
             "fitness": fitness, "best_fitness": self.best_fitness, "ema_updates": self.ema.updates,

@@ -18,6 +18,7 @@ def test_python_benchmarks_compile(script):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # a benchmark script's smoke test: the training it runs is tested on its own above
 def test_gpu_check_writes_its_json(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0

@@ -32,7 +32,10 @@ def _accelerate(config: str, *tokens: str, workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,strategy", CPU_CONFIGS.items(), ids=CPU_CONFIGS)
+# one DeepSpeed and one FSDP config by default (the README runs the ddp one); the others read the same keys
+@pytest.mark.parametrize("config,strategy", [
+    (c, s) if c in {"cpu_fsdp_2proc", "cpu_zero2_2proc"} else pytest.param(c, s, marks=pytest.mark.extended)
+    for c, s in CPU_CONFIGS.items()], ids=CPU_CONFIGS)
 def test_accelerate_cpu_config_launches_two_processes(config, strategy, workdir):
     check(_accelerate(config, *SHORT, workdir=workdir))
     _finished(workdir, 2, strategy)
@@ -48,6 +51,7 @@ def test_accelerate_config_conflicting_with_strategy_key_is_one_line(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the README runs the same torchrun command
 def test_torchrun_two_processes(workdir):
     check(run_cli(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   "-m", "parallel_yolo", "train", *SHORT, cwd=workdir, module=False))
@@ -59,7 +63,9 @@ DIRECT = {"nproc=2": (["nproc=2"], 2, "ddp"), "one process": ([], 1, "single"),
           "--local_rank": (["--local_rank=0"], 1, "single")}
 
 
-@pytest.mark.parametrize("extra,world,strategy", DIRECT.values(), ids=DIRECT)
+@pytest.mark.parametrize("extra,world,strategy", [  # the README runs the first two itself
+    pytest.param(*case, marks=pytest.mark.extended) if name != "--local_rank" else case
+    for name, case in DIRECT.items()], ids=DIRECT)
 def test_direct_launch(extra, world, strategy, workdir):
     check(run_cli("train", *SHORT, *extra, cwd=workdir))
     _finished(workdir, world, strategy)
@@ -76,7 +82,7 @@ TWO_NODE_RUN = [*TINY, "batch=8", "nbs=8", "fraction=0.09", "val=false", "optimi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "hsdp"])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.extended), "hsdp"])
 def test_two_nodes_train_like_four_processes_on_one(strategy, tmp_path):
     """Two torchrun agents of 2 processes each, meeting at a c10d rendezvous (two nodes, here on one machine), end
     with the weights of 4 processes started on one node. hsdp: shard within a node, replicate across the two; on

@@ -29,10 +29,11 @@ import torch
 
 from ..config import ConfigError, Unanimous
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "Slab", "begin", "write_shard", "commit", "abort", "rotate",
-           "load_manifest", "newest_intact", "Reader"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "Slab", "begin", "write_shard", "commit", "duplicate", "abort",
+           "rotate", "load_manifest", "newest_intact", "Reader"]
 
-FORMAT_VERSION = 2
+# 3: random-generator states as numbers (2 held them as pickles, which this version never loads)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"
 OLD_MARK = ".old-"
@@ -118,14 +119,34 @@ def commit(tmp: Path, folder: Path, meta: dict[str, Any], shards: list[dict[str,
     path.write_text(json.dumps(manifest, indent=1, default=str))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-    folder = Path(folder)
+    return _swap_in(Path(tmp), Path(folder))
+
+
+def duplicate(source: Path, folder: Path) -> Path:
+    """A complete checkpoint at `folder` identical to the committed `source` (weights/best when it is the state just
+    saved as weights/last), swapped into place as `commit` does. Files are hard-linked where the file system allows
+    (no checkpoint file is ever modified in place: every save writes a new folder), else copied."""
+    tmp = begin(folder)
+    try:
+        for file in Path(source).iterdir():
+            try:
+                os.link(file, tmp / file.name)
+            except OSError:
+                shutil.copy2(file, tmp / file.name)
+        return _swap_in(tmp, Path(folder))
+    except BaseException:
+        abort(tmp)
+        raise
+
+
+def _swap_in(tmp: Path, folder: Path) -> Path:
     if folder.exists():
         old = folder.with_name(f".{folder.name}{OLD_MARK}{os.getpid()}")
         folder.rename(old)
-        Path(tmp).rename(folder)
+        tmp.rename(folder)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        Path(tmp).rename(folder)
+        tmp.rename(folder)
     return folder
 
 
@@ -151,9 +172,14 @@ def load_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: unreadable manifest (corrupted file)") from None
-    if manifest.get("format_version") != FORMAT_VERSION or "tensors" not in manifest:
-        raise CheckpointError(f"{folder}: checkpoint format {manifest.get('format_version')}, this version reads "
-                              f"{FORMAT_VERSION}")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version == 2:
+        raise CheckpointError(f"{folder}: checkpoint format 2 keeps its random-generator states as pickles, which "
+                              f"this version never loads (format {FORMAT_VERSION}); consolidate it to a .pt with "
+                              "parallel_yolo 0.1.0 and start a new run from it (model=FILE.pt)")
+    if version != FORMAT_VERSION or not isinstance(manifest.get("tensors"), dict):
+        raise CheckpointError(f"{folder}: checkpoint format {version}, this version reads {FORMAT_VERSION}")
+    _check_ranks(folder, manifest)
     if verify:
         for name, info in manifest["files"].items():
             file = folder / name
@@ -162,6 +188,20 @@ def load_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
             if file.stat().st_size != info["bytes"] or _sha256(file) != info["sha256"]:
                 raise CheckpointError(f"{file}: corrupted or truncated (size or sha256 differs from the manifest)")
     return manifest
+
+
+def _check_ranks(folder: Path, manifest: dict[str, Any]) -> None:
+    """Every rank's entry holds its random-generator states as the numbers `rng.capture` writes."""
+    from .rng import check
+
+    ranks = manifest.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != manifest.get("world_size"):
+        raise CheckpointError(f"{folder}: its manifest lists no entry per rank (a damaged or foreign manifest)")
+    for rank, entry in enumerate(ranks):
+        try:
+            check(entry.get("rng") if isinstance(entry, dict) else None)
+        except CheckpointError as e:
+            raise CheckpointError(f"{folder}: rank {rank}: {e}") from None
 
 
 def newest_intact(folders: list[Path]) -> tuple[Path, dict[str, Any], list[str]]:

@@ -8,18 +8,14 @@ restored when the world size is unchanged, so a resumed run continues exactly).
 
 from __future__ import annotations
 
-import base64
-import pickle
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import CheckpointError, Reader, SaveFailed, Slab, abort, begin, commit, write_shard
+from . import CheckpointError, Reader, SaveFailed, Slab, abort, begin, commit, duplicate, write_shard
 
-__all__ = ["save", "load", "rng_state", "set_rng_state"]
+__all__ = ["save", "save_copy", "load"]
 
 
 _KEPT = ("; the checkpoints saved before are intact: make room on the disk (or make the folder writable), then "
@@ -55,6 +51,19 @@ def save(folder: Path, *, strategy, ema, buffers: dict[str, torch.Tensor], meta:
             error = f"could not finish checkpoint {folder}: {e}"
         if error:
             abort(Path(tmp))
+    error = strategy.broadcast_object(error)
+    if error:
+        raise SaveFailed(f"{error}{_KEPT}")
+
+
+def save_copy(source: Path, folder: Path, *, strategy) -> None:
+    """`folder` as a copy of the checkpoint just saved at `source` (rank 0 links the files; collective)."""
+    error = None
+    if strategy.is_main:
+        try:
+            duplicate(source, folder)
+        except OSError as e:
+            error = f"could not copy checkpoint {source} to {folder}: {e}"
     error = strategy.broadcast_object(error)
     if error:
         raise SaveFailed(f"{error}{_KEPT}")
@@ -137,20 +146,3 @@ def _saved_optimizer_states(reader: Reader) -> dict[str, list[str]]:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
-
-# ---- random number generators ----------------------------------------------------------------------------------
-def rng_state() -> dict[str, str]:
-    """This process's Python, numpy and torch generators, as text for the manifest."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return {"rng": base64.b64encode(pickle.dumps(state)).decode()}
-
-
-def set_rng_state(saved: dict[str, str]) -> None:
-    state = pickle.loads(base64.b64decode(saved["rng"]))
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

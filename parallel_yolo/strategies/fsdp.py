@@ -7,6 +7,9 @@ a 2-D mesh. Each top-level YOLO layer is one FSDP unit, so only one layer's para
 Precision: compute runs under autocast and FSDP keeps fp32 parameters. FSDP2's own MixedPrecisionPolicy casts
 every parameter of a unit, BatchNorm included, and BatchNorm must stay fp32; autocast leaves batch_norm in fp32
 by itself. The price is fp32 all-gathers, twice the bytes of bf16 ones.
+
+torch's FSDP and DTensor modules are imported where they are used: they take ~0.6 s to import, which every other
+strategy's processes (and every launcher) would pay for nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +18,6 @@ import contextlib
 import math
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # set_custom_*'s interfaces
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..ema import ShardedEMA
 from .base import OptimizerSpan, ParamShard, Strategy
@@ -45,9 +42,13 @@ class FSDPStrategy(Strategy):
             self.scaler = ShardedGradScaler(self.device.type)  # found-inf must agree over all shards
 
     def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
         return init_device_mesh(self.device.type, (self.world_size,))
 
     def setup(self, model, *, make_optimizer):
+        from torch.distributed.fsdp import fully_shard
+
         model = model.to(self.device)
         mesh = self._mesh()
         reshard = self.options.get("reshard_after_forward", self.reshard_after_forward)
@@ -74,15 +75,17 @@ class FSDPStrategy(Strategy):
 
     def clip_grad_norm(self, max_norm: float) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        return float(norm.full_tensor() if _is_dtensor(norm) else norm)
 
     # ---- shards ------------------------------------------------------------------------------------------------
     def local_state(self) -> dict[str, torch.Tensor]:
         """This rank's shard of every parameter, and the (replicated) buffers."""
-        return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in self.model.state_dict().items()}
+        return {k: v.to_local() if _is_dtensor(v) else v for k, v in self.model.state_dict().items()}
 
     def assemble(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Full tensors from per-rank shards laid out like the live parameters (collective)."""
+        from torch.distributed.tensor import DTensor
+
         out = {}
         for k, live in self.model.state_dict().items():
             if isinstance(live, DTensor):
@@ -99,6 +102,8 @@ class FSDPStrategy(Strategy):
     def param_shards(self) -> list[ParamShard]:
         """FSDP2 shards dim 0 into contiguous row blocks, so each local shard is one flat range of the tensor;
         optimizer state is sharded exactly like its parameter. Under hsdp the replicas split the writing."""
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
         shards = []
         for name, p in self.model.named_parameters():
             local = p.to_local()
@@ -116,31 +121,39 @@ class FSDPStrategy(Strategy):
         return ShardedEMA(self)
 
 
-def _gloo_collectives(model: FSDPModule) -> None:
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _gloo_collectives(model) -> None:
     """On gloo, FSDP's all-gathers as broadcasts and its reduce-scatters as sends (strategies/gloo.py). Without CUDA
     streams FSDP waits for each of them in turn, the all-gather when a layer starts, the reduce-scatter when its
     gradients are done. yolov8x, 320 px, batch 4, 2 processes on this 2-core machine, per step: all-gathers
     0.58 -> 0.31 s, reduce-scatters 0.42 -> ~0.2 s; step 5.42 / 5.58 -> 5.04 / 5.25 s in alternating compare runs.
     Issuing each layer's all-gather asynchronously from the layer before (FSDP's unshard_async_op with explicit
     prefetch) gave 5.04 / 5.12 s: within the noise, so it is not done."""
-    all_gather, reduce_scatter = _BroadcastAllGather(), _ReduceScatterBySends()  # stateless: one of each serves all
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # set_custom_*'s interfaces
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
+
+    class BroadcastAllGather(DefaultAllocMixin, AllGather):  # buffers allocated as FSDP's default comms do
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    class ReduceScatterBySends(DefaultAllocMixin, ReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            return reduce_scatter_by_sends(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+
+    all_gather, reduce_scatter = BroadcastAllGather(), ReduceScatterBySends()  # stateless: one of each serves all
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_custom_all_gather(all_gather)
             module.set_custom_reduce_scatter(reduce_scatter)
 
 
-class _BroadcastAllGather(DefaultAllocMixin, AllGather):  # buffers allocated as FSDP's default comms do
-    def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
-
-
-class _ReduceScatterBySends(DefaultAllocMixin, ReduceScatter):
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        return reduce_scatter_by_sends(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
-
-
-def _replica_share(p: DTensor) -> tuple[int, int]:
+def _replica_share(p) -> tuple[int, int]:
     """(index, count) of this rank among the ranks that hold the same shard (the Replicate mesh dimensions)."""
     index, count = 0, 1
     for dim, placement in enumerate(p.placements):
@@ -172,5 +185,7 @@ class HSDPStrategy(FSDPStrategy):
         if self.world_size % per_node:
             raise RuntimeError(f"hsdp needs the same number of processes on every node ({self.world_size} "
                                f"processes, {per_node} on this node)")
+        from torch.distributed.device_mesh import init_device_mesh
+
         return init_device_mesh(self.device.type, (self.world_size // per_node, per_node),
                                 mesh_dim_names=("replicate", "shard"))

@@ -119,3 +119,48 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_2"]
     assert not list((tmp_path / "run" / "weights").iterdir())
     checkpoint.load_manifest(checkpoints / "step_2")  # and it verifies
+
+
+class _Payload:
+    """Unpickling this runs a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_a_manifest_carrying_a_pickle_runs_no_code(run, tmp_path):
+    """Anyone who can write a checkpoint folder must not be able to run code on the ranks that load it: the
+    random-generator states are numbers, and a manifest holding a pickle instead is refused in one line."""
+    import base64
+    import pickle
+    import shutil
+
+    marker = tmp_path / "executed"
+    payload = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    pickle.loads(base64.b64decode(payload))  # the payload works: unpickling it does leave the marker
+    assert marker.exists()
+    marker.unlink()
+    crafted = []
+    for name, edit in {"v3": lambda m: m["ranks"][1].update(rng={"rng": payload}),
+                       "v3torch": lambda m: m["ranks"][0]["rng"].update(torch=payload),
+                       "v2": lambda m: m.update(format_version=2, ranks=[{"rng": payload}] * 2)}.items():
+        folder = tmp_path / name / "weights" / "last"
+        shutil.copytree(run / "weights" / "last", folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        edit(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        crafted.append(folder)
+    commands = [("train", f"resume={crafted[0]}", "max_steps=8"), ("val", f"checkpoint={crafted[0]}"),
+                ("consolidate", f"checkpoint={crafted[0]}", f"out={tmp_path / 'x.pt'}"),
+                ("train", f"resume={crafted[1]}", "max_steps=8"), ("train", f"resume={crafted[2]}", "max_steps=8")]
+    for command in commands:
+        result = run_cli(*command, cwd=tmp_path)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, (command, result.stderr[-2000:])
+        assert "random-generator states" in lines[0], lines[0]
+        assert not marker.exists(), f"{command}: the pickle in the manifest was executed"
+    assert not (tmp_path / "x.pt").exists()

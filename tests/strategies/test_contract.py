@@ -10,6 +10,7 @@ such differences within a few steps. Clipping itself is checked through the grad
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -21,14 +22,34 @@ from parallel_yolo.strategies import REGISTRY
 STEPS = 5
 COMMON = [*TINY, *NO_AUGMENT, "batch=8", "nbs=8", f"max_steps={STEPS}", "optimizer=SGD", "lr0=0.01", "val=false",
           "box=0.75", "cls=0.05", "dfl=0.15", "project=runs"]
-# ZeRO-3 reduces partitioned gradients in another order than one process accumulates them (measured: loss 9e-6,
-# all weights together 1e-5 relative, i.e. absolute differences of 1e-8..1e-6); every other strategy is exact.
-TOLERANCE = {"zero3": 5e-5, "zero3_offload": 5e-5}
+# Reference and distributed runs use the same intra-op thread count, the caller's OMP_NUM_THREADS or 1: the test
+# passes at 1 and 2 (run `OMP_NUM_THREADS=2 python -m pytest tests/strategies/test_contract.py`).
+THREADS = os.environ.get("OMP_NUM_THREADS") or "1"
+
+# Tolerances, relative, and where each comes from.
+# - Every strategy but ZeRO-3 runs the operations one process runs, on the same values in the same order, so it
+#   is bit-identical on any machine as long as both runs use the same thread count (measured 0.0 for loss, weights,
+#   EMA and every step's norm at OMP_NUM_THREADS 1 and 2). 1e-6: room for nothing but the losses' CSV printing.
+# - ZeRO-3 sums each gradient element over its partitioned reduce in another order than one process accumulates
+#   it: one rounding (2^-24 relative) per element per step. The task-aligned assigner's top-k turns such roundings
+#   into different assignments within a few steps, which moves the gradient norm ~30x more than the mean loss. A
+#   change of thread count is the same kind of perturbation for one process (what another CPU's kernels do); on
+#   this machine, one process at 2 threads against 1 thread: loss 6.6e-6, weights 1.4e-6, norms of steps 2-5
+#   2.0e-4. ZeRO-3 against one process (1 and 2 threads, and across them): loss <= 1.1e-5, weights <= 1.3e-6,
+#   later norms <= 2.5e-4; on a machine 2x slower (issue 19): loss 1.0e-5, weights 9.4e-7, norms 4.3e-4. The
+#   bounds are ~5x the largest of these. A real fault is far outside them: an unaveraged gradient, a lost bucket
+#   or an unclipped step moves the loss by percents.
+EXACT = {"loss": 1e-6, "weights": 1e-6, "later_norms": 1e-6}
+SUMMATION_ORDER = {"loss": 5e-5, "weights": 1e-5, "later_norms": 2e-3}
+TOLERANCE = {"zero3": SUMMATION_ORDER, "zero3_offload": SUMMATION_ORDER}
+# The step-1 norm comes from identical weights and one gradient: only the order of the sum of squares over shards
+# differs (fp32, a few million elements summed in blocks: ~log2(n) roundings of 2^-24, 1.3e-6; measured <= 8.8e-7).
+FIRST_NORM = 2e-6
 DISTRIBUTED = sorted(name for name in REGISTRY if name != "single")
 
 
 def _train(workdir, name, *extra):
-    check(run_cli("train", *COMMON, f"name={name}", *extra, cwd=workdir, env={"OMP_NUM_THREADS": "1"}))
+    check(run_cli("train", *COMMON, f"name={name}", *extra, cwd=workdir, env={"OMP_NUM_THREADS": THREADS}))
     run = workdir / "runs" / name
     rows = read_csv(run / "steps.csv")
     return (torch.tensor([float(r["loss"]) for r in rows], dtype=torch.float64),
@@ -36,7 +57,7 @@ def _train(workdir, name, *extra):
             load_weights(run / "weights" / "last"), load_weights(run / "weights" / "last", "ema"), run)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("ref"), "ref", "strategy=single", "micro_batch=4")
 
@@ -54,7 +75,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_strategy_matches_single_process(strategy, reference, workdir):
     ref_loss, ref_norm, ref_w, ref_ema, _ = reference
     loss, norm, weights, ema, run = _train(workdir, strategy, "nproc=2", f"strategy={strategy}")
-    tol = TOLERANCE.get(strategy, 1e-6)
+    tol = TOLERANCE.get(strategy, EXACT)
     assert yaml.safe_load((run / "args.yaml").read_text())["strategy"] == strategy
     assert len(loss) == STEPS
     loss_rel = float(((loss - ref_loss).abs() / ref_loss.abs()).max())
@@ -63,10 +84,10 @@ def test_strategy_matches_single_process(strategy, reference, workdir):
     ema_rel = _rel(_flat(ema, params), _flat(ref_ema, params))
     norm_rel = float(((norm - ref_norm).abs() / ref_norm).max())
     print(f"\n{strategy}: loss {loss_rel:.1e}  weights {weight_rel:.1e}  EMA {ema_rel:.1e}  grad norm {norm_rel:.1e}")
-    assert loss_rel <= tol and weight_rel <= tol and ema_rel <= tol
+    assert loss_rel <= tol["loss"] and weight_rel <= tol["weights"] and ema_rel <= tol["weights"]
     # Step 1 starts from identical weights: the global norm over all shards equals one process's norm.
-    assert abs(float(norm[0] - ref_norm[0])) / float(ref_norm[0]) <= 1e-6
-    assert norm_rel <= max(1e-5, 2 * tol)
+    assert abs(float(norm[0] - ref_norm[0])) / float(ref_norm[0]) <= FIRST_NORM
+    assert norm_rel <= tol["later_norms"]
     assert set(weights) == set(ref_w) and all(weights[k].dtype == ref_w[k].dtype for k in ref_w)
     assert not torch.equal(ema["model.0.conv.weight"], weights["model.0.conv.weight"])  # EMA is its own copy
     # memory.json: what each rank holds. Every strategy but DDP shards the optimizer state over the 2 ranks.
@@ -79,21 +100,24 @@ def test_strategy_matches_single_process(strategy, reference, workdir):
 ACCUMULATE = ["nbs=16", "micro_batch=2", "max_steps=3"]  # 2 iterations per step, 2 forward passes per iteration
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def accumulating_reference(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("accref"), "ref", "strategy=single", *ACCUMULATE)
 
 
 @pytest.mark.slow
 # zero1 as well as zero2: with overlap_comm, stage 1 reduces in the backward hooks at the boundary, not after it
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", pytest.param("zero1", marks=pytest.mark.extended), "zero2",
+                                      "zero3"])
 def test_gradient_accumulation_matches_single_process(strategy, accumulating_reference, workdir):
-    """no_sync / DeepSpeed's accumulation boundary across micro-batches and iterations: 8 gradients summed in
-    another order than one process sums them agree to ~1e-6 (measured <= 2e-6 over 3 steps)."""
+    """no_sync / DeepSpeed's accumulation boundary across micro-batches and iterations: each rank sums its
+    micro-batches' gradients before the ranks' sums are added, one process adds all 8 in turn. Another summation
+    order, so ZeRO-3's bounds hold for every strategy here (measured: loss <= 2e-6, norms <= 1.1e-4)."""
     ref_loss, ref_norm, ref_w, _, _ = accumulating_reference
     loss, norm, weights, _, _ = _train(workdir, strategy, "nproc=2", f"strategy={strategy}", *ACCUMULATE)
     assert len(loss) == len(ref_loss) == 3
-    assert float(((loss - ref_loss).abs() / ref_loss).max()) <= 1e-5
-    assert float(((norm - ref_norm).abs() / ref_norm).max()) <= 5e-4  # zero3, step 3: 1.1e-4 measured
+    assert float(((loss - ref_loss).abs() / ref_loss).max()) <= SUMMATION_ORDER["loss"]
+    assert abs(float(norm[0] - ref_norm[0])) / float(ref_norm[0]) <= FIRST_NORM
+    assert float(((norm - ref_norm).abs() / ref_norm).max()) <= SUMMATION_ORDER["later_norms"]
     params = [k for k, v in ref_w.items() if v.is_floating_point() and "running" not in k]
-    assert _rel(_flat(weights, params), _flat(ref_w, params)) <= 1e-5
+    assert _rel(_flat(weights, params), _flat(ref_w, params)) <= SUMMATION_ORDER["weights"]
