@@ -223,9 +223,11 @@ class Strategy:
         return ReplicatedEMA(self)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's state dict on CPU, buffers averaged over ranks (a collective)."""
+        """The whole model's state dict on CPU, buffers averaged over ranks (a collective). Copies, each with a storage
+        of its own: under ZeRO-1/2 the parameters are views of one flat buffer, and pickling such views (torch.save,
+        object collectives) writes the whole buffer once per tensor."""
         buffers = self.averaged_copies(dict(self.raw_model.named_buffers()))
-        return {k: buffers.get(k, v).detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        return {k: buffers.get(k, v).detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
 
 
 class ReplicatedEMA:
