@@ -35,6 +35,9 @@ def resolve(tokens: list[str], *, launched: bool, world_size: int,
     given = read_overrides(tokens)
     cfg = build(TrainConfig, given)
     chosen, manifest, skipped = checkpoint_to_resume(cfg.resume, project=cfg.project)
+    from .yolo import check_layers
+
+    check_layers(manifest.get("model_yaml"), f"resume={chosen}")  # what the trainer will build, checked before launch
     for problem in skipped:
         print(f"parallel-yolo: warning: {problem}; resuming from {chosen} instead", file=sys.stderr, flush=True)
     inherited = {k: v for k, v in manifest["train_args"].items() if k not in _NOT_INHERITED}

@@ -65,7 +65,9 @@ class Trainer:
         self.data = datamod.resolve_dataset(cfg.data)
         self.local_batch, self.micro = cfg.per_rank_batch(strategy.world_size)
         self.hyp = yolo.hyp_namespace(cfg)
-        model = yolo.build_model(cfg.model, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
+        # a resumed run rebuilds the architecture its checkpoint holds, as data: a .pt its manifest names is not loaded
+        spec = checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"] if cfg.resume else cfg.model
+        model = yolo.build_model(spec, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
                                  verbose=False)
         self.criterion = yolo.build_criterion(model)
         self.stride = max(int(model.stride.max()), 32)

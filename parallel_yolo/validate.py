@@ -124,13 +124,15 @@ def model_from_checkpoint(folder: Path, *, weights: str) -> tuple[nn.Module, dic
     from ultralytics.nn.tasks import DetectionModel
 
     from . import checkpoint
+    from .yolo import check_layers
 
     try:
         manifest = checkpoint.load_manifest(folder)
         state = checkpoint.Reader(folder, manifest).state_dict(f"{weights}/")
     except checkpoint.CheckpointError as e:
         raise ConfigError(f"checkpoint={folder}: {e}") from None
-    model = DetectionModel(manifest["model_yaml"], nc=manifest["nc"], verbose=False)
+    model = DetectionModel(check_layers(manifest["model_yaml"], f"checkpoint={folder}"), nc=manifest["nc"],
+                           verbose=False)
     model.nc, model.names = manifest["nc"], {int(k): v for k, v in manifest["names"].items()}
     mismatch = set(model.state_dict()) ^ set(state)
     if mismatch:

@@ -16,8 +16,8 @@ from torch import nn
 
 from .config import ConfigError, TrainConfig
 
-__all__ = ["hyp_namespace", "check_model_spec", "load_local_pt", "build_model", "build_criterion", "optimizer_factory",
-           "fused", "nominal_accumulate"]
+__all__ = ["hyp_namespace", "check_model_spec", "check_layers", "load_local_pt", "build_model", "build_criterion",
+           "optimizer_factory", "fused", "nominal_accumulate"]
 
 
 def hyp_namespace(cfg: TrainConfig) -> Any:
@@ -39,12 +39,15 @@ def check_model_spec(spec: str) -> None:
         _model_yaml(spec)
 
 
-def build_model(spec: str, *, nc: int, names: dict[int, str], hyp: Any, verbose: bool = False) -> nn.Module:
-    """A DetectionModel from an Ultralytics model yaml or a local .pt (weights transferred where shapes match)."""
+def build_model(spec: str | dict, *, nc: int, names: dict[int, str], hyp: Any, verbose: bool = False) -> nn.Module:
+    """A DetectionModel from an Ultralytics model yaml, a local .pt (weights transferred where shapes match), or a
+    model description already read (a checkpoint's `model_yaml`, checked by `check_layers` first)."""
     from ultralytics.nn.tasks import DetectionModel
 
     weights = None
-    if spec.endswith(".pt"):
+    if isinstance(spec, dict):
+        source = check_layers(spec, "the checkpoint's model")
+    elif spec.endswith(".pt"):
         weights = load_local_pt(spec)
         source = weights.yaml
     else:
@@ -126,11 +129,65 @@ def _model_yaml(spec: str) -> str:
     except FileNotFoundError:
         raise ConfigError(f"model={spec}: no such model yaml, locally or among Ultralytics' "
                           "(e.g. yolov8n.yaml, yolo11s.yaml, yolov8x-p6.yaml)") from None
+    check_layers(layers, f"model={spec}")
     head = str((layers.get("head") or [[None, None, "?"]])[-1][2])
     if not head.endswith("Detect"):
         raise ConfigError(f"model={spec}: its last layer is {head}, not a detection head (Detect); pass a detect "
                           "yaml such as yolov8n.yaml")
     return spec
+
+
+def check_layers(layers: Any, source: str) -> dict:
+    """`layers` (a parsed model yaml) if every layer names a module class and `act` names an activation class.
+
+    Ultralytics' parse_model evaluates `act` with eval() and looks each layer's module up among its tasks module's
+    globals and calls it, so a model description from a file someone else wrote (a checkpoint's manifest, a
+    downloaded yaml) could run code or call a loader there; what passes here is a plain torch or Ultralytics module."""
+    from ultralytics.nn import tasks
+
+    def module_class(name: Any) -> Any:
+        if not isinstance(name, str):
+            return None
+        if name.startswith("nn."):
+            return getattr(nn, name[3:], None)
+        if name.startswith("torchvision.ops."):
+            import torchvision
+
+            return getattr(torchvision.ops, name[16:], None)
+        return vars(tasks).get(name)
+
+    def fail(what: str) -> ConfigError:
+        return ConfigError(f"{source}: {what} is not a torch or Ultralytics module; the model description is damaged "
+                           "or not Ultralytics' (it is not built)")
+
+    if not isinstance(layers, dict) or not isinstance(layers.get("backbone"), list) or \
+            not isinstance(layers.get("head"), list):
+        raise fail("its layer list")
+    for layer in layers["backbone"] + layers["head"]:
+        found = module_class(layer[2]) if isinstance(layer, (list, tuple)) and len(layer) == 4 else None
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise fail(f"layer {layer!r}")
+    act = layers.get("act")
+    if act is not None and not _is_activation(act):
+        raise fail(f"act={act!r}")
+    return layers
+
+
+def _is_activation(act: Any) -> bool:
+    """`act` is a torch.nn module class called with literal arguments, e.g. nn.SiLU() or nn.LeakyReLU(0.1)."""
+    import ast
+
+    try:
+        call = ast.parse(str(act), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and isinstance(call.func.value, ast.Name) and call.func.value.id == "nn"):
+            return False
+        for argument in [*call.args, *(keyword.value for keyword in call.keywords)]:
+            ast.literal_eval(argument)
+    except (SyntaxError, ValueError, TypeError):
+        return False
+    found = getattr(nn, call.func.attr, None)
+    return isinstance(found, type) and issubclass(found, nn.Module)
 
 
 def load_local_pt(spec: str) -> nn.Module:

@@ -68,3 +68,28 @@ def test_other_optimizers_are_left_as_built():
     params = [torch.nn.Parameter(torch.ones(3))]
     optimizer = yolo.fused(torch.optim.RMSprop(params))
     assert "fused" not in optimizer.param_groups[0]
+
+
+def test_every_shipped_model_yaml_passes_the_layer_check_and_code_does_not():
+    """What Ultralytics' parse_model would evaluate or call must be a module class (yolo.check_layers)."""
+    import glob
+    import os
+
+    import ultralytics
+    from ultralytics.nn.tasks import yaml_model_load
+
+    shipped = sorted(glob.glob(os.path.join(os.path.dirname(ultralytics.__file__), "cfg", "models", "**", "*.yaml"),
+                          recursive=True))
+    assert len(shipped) > 40
+    for path in shipped:
+        yolo.check_layers(yaml_model_load(path), path)
+    good = yaml_model_load("yolov8n.yaml")
+    for act in ("nn.SiLU()", "nn.LeakyReLU(0.1)", "nn.ReLU(inplace=True)"):
+        yolo.check_layers({**good, "act": act}, "test")
+    bad = [{**good, "act": "__import__('os').system('true')"}, {**good, "act": "nn.SiLU(print(1))"},
+           {**good, "act": "nn.Module.__subclasses__()"}, {**good, "act": "torch.nn.SiLU()"},
+           {**good, "head": [*good["head"][:-1], [-1, 1, "torch_safe_load", ["x.pt"]]]},
+           {**good, "backbone": [[-1, 1, "yaml_model_load", ["x.yaml"]]]}, {**good, "head": "Detect"}, None]
+    for layers in bad:
+        with pytest.raises(ConfigError, match="not a torch or Ultralytics module"):
+            yolo.check_layers(layers, "test")

@@ -132,9 +132,11 @@ class _Payload:
 
 
 @pytest.mark.slow
-def test_a_manifest_carrying_a_pickle_runs_no_code(run, tmp_path):
-    """Anyone who can write a checkpoint folder must not be able to run code on the ranks that load it: the
-    random-generator states are numbers, and a manifest holding a pickle instead is refused in one line."""
+def test_a_crafted_manifest_runs_no_code(run, tmp_path):
+    """Anyone who can write a checkpoint folder must not be able to run code on the ranks that load it. The
+    random-generator states are numbers, and the model description is checked before Ultralytics builds it (its
+    parse_model evaluates `act` and calls any name in its tasks module): a manifest carrying a pickle, an `act` to
+    evaluate or a layer naming a function is refused in one line, before anything starts."""
     import base64
     import pickle
     import shutil
@@ -144,23 +146,35 @@ def test_a_manifest_carrying_a_pickle_runs_no_code(run, tmp_path):
     pickle.loads(base64.b64decode(payload))  # the payload works: unpickling it does leave the marker
     assert marker.exists()
     marker.unlink()
-    crafted = []
-    for name, edit in {"v3": lambda m: m["ranks"][1].update(rng={"rng": payload}),
-                       "v3torch": lambda m: m["ranks"][0]["rng"].update(torch=payload),
-                       "v2": lambda m: m.update(format_version=2, ranks=[{"rng": payload}] * 2)}.items():
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_Payload(marker)))
+
+    def layer(m):
+        m["model_yaml"]["head"][-1] = [-1, 1, "torch_safe_load", [str(evil)]]
+
+    # (edit, what the one line names, commands that load it: resume, val, consolidate share the checks)
+    cases = {"rng": (lambda m: m["ranks"][1].update(rng={"rng": payload}), "random-generator states",
+                     ["train", "val"]),
+             "rng-torch": (lambda m: m["ranks"][0]["rng"].update(torch=payload), "random-generator states", []),
+             "format-2": (lambda m: m.update(format_version=2, ranks=[{"rng": payload}] * 2), "format 2", []),
+             "act": (lambda m: m["model_yaml"].update(act=f"__import__('os').system('touch {marker}')"), "act=",
+                     ["train", "consolidate"]),
+             "layer": (layer, "torch_safe_load", ["val"])}
+    for name, (edit, said, commands) in cases.items():
         folder = tmp_path / name / "weights" / "last"
         shutil.copytree(run / "weights" / "last", folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         edit(manifest)
         (folder / "manifest.json").write_text(json.dumps(manifest))
-        crafted.append(folder)
-    commands = [("train", f"resume={crafted[0]}", "max_steps=8"), ("val", f"checkpoint={crafted[0]}"),
-                ("consolidate", f"checkpoint={crafted[0]}", f"out={tmp_path / 'x.pt'}"),
-                ("train", f"resume={crafted[1]}", "max_steps=8"), ("train", f"resume={crafted[2]}", "max_steps=8")]
-    for command in commands:
-        result = run_cli(*command, cwd=tmp_path)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1, (command, result.stderr[-2000:])
-        assert "random-generator states" in lines[0], lines[0]
-        assert not marker.exists(), f"{command}: the pickle in the manifest was executed"
+        if name.startswith(("rng", "format")):  # refused as the manifest is read, by every command alike
+            with pytest.raises(checkpoint.CheckpointError, match=said):
+                checkpoint.load_manifest(folder)
+        arguments = {"train": ("train", f"resume={folder}", "epochs=3"), "val": ("val", f"checkpoint={folder}"),
+                     "consolidate": ("consolidate", f"checkpoint={folder}", f"out={tmp_path / 'x.pt'}")}
+        for command in (arguments[c] for c in commands):
+            result = run_cli(*command, cwd=tmp_path)
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            assert result.returncode == 2 and len(lines) == 1, (name, command, result.stderr[-2000:])
+            assert said in lines[0], (name, lines[0])
+            assert not marker.exists(), f"{name} {command}: the crafted manifest ran code"
     assert not (tmp_path / "x.pt").exists()
