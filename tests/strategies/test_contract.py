@@ -37,14 +37,16 @@ THREADS = os.environ.get("OMP_NUM_THREADS") or "1"
 #   change of thread count is the same kind of perturbation for one process (what another CPU's kernels do); on
 #   this machine, one process at 2 threads against 1 thread: loss 6.6e-6, weights 1.4e-6, norms of steps 2-5
 #   2.0e-4. ZeRO-3 against one process (1 and 2 threads, and across them): loss <= 1.1e-5, weights <= 1.3e-6,
-#   later norms <= 2.5e-4; on a machine 2x slower (issue 19): loss 1.0e-5, weights 9.4e-7, norms 4.3e-4. The
-#   bounds are ~5x the largest of these. A real fault is far outside them: an unaveraged gradient, a lost bucket
-#   or an unclipped step moves the loss by percents.
+#   later norms <= 2.5e-4; on a machine 2x slower (issue 19): loss 1.0e-5, weights 9.4e-7, norms 4.3e-4. Another
+#   process count changes the order too: at 4 processes (one process with micro_batch=2 as reference) zero3 gives
+#   8.3e-6 / 7.0e-6 / 4.2e-4 and even DDP, whose all-reduce then adds 4 gradients in ring order, 1.3e-5 / 7.0e-6 /
+#   1.9e-4. The bounds are ~4-7x the largest of these. A real fault is far outside them: an unaveraged gradient, a
+#   lost bucket or an unclipped step moves the loss by percents.
 # The step-1 norm comes from identical weights and one gradient: only the order of the sum of squares over shards
 # differs (fp32, a few million elements summed in blocks: ~log2(n) roundings of 2^-24, 1.3e-6; measured <= 8.8e-7).
 FIRST_NORM = 2e-6
 EXACT = {"loss": 1e-6, "weights": 1e-6, "later_norms": FIRST_NORM}
-SUMMATION_ORDER = {"loss": 5e-5, "weights": 1e-5, "later_norms": 2e-3}
+SUMMATION_ORDER = {"loss": 5e-5, "weights": 5e-5, "later_norms": 2e-3}
 TOLERANCE = {"zero3": SUMMATION_ORDER, "zero3_offload": SUMMATION_ORDER}
 DISTRIBUTED = sorted(name for name in REGISTRY if name != "single")
 
