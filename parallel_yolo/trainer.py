@@ -65,8 +65,10 @@ class Trainer:
         self.data = datamod.resolve_dataset(cfg.data)
         self.local_batch, self.micro = cfg.per_rank_batch(strategy.world_size)
         self.hyp = yolo.hyp_namespace(cfg)
+        # verified when `resume=` was resolved; read once here, loaded in _resume
+        self.manifest = checkpoint.load_manifest(Path(cfg.resume), verify=False) if cfg.resume else None
         # a resumed run rebuilds the architecture its checkpoint holds, as data: a .pt its manifest names is not loaded
-        spec = checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"] if cfg.resume else cfg.model
+        spec = self.manifest["model_yaml"] if self.manifest else cfg.model
         model = yolo.build_model(spec, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
                                  verbose=False)
         self.criterion = yolo.build_criterion(model)
@@ -105,8 +107,7 @@ class Trainer:
         """Load the checkpoint `resume=` resolved to (each rank reads only its ranges); returns the run folder."""
         from .resume import run_folder_of
 
-        folder = Path(self.cfg.resume)
-        manifest = checkpoint.load_manifest(folder, verify=False)  # verified when `resume=` was resolved
+        folder, manifest = Path(self.cfg.resume), self.manifest
         optimizer = type(self.strategy.inner_optimizer()).__name__
         if manifest["optimizer"] != optimizer:
             raise checkpoint.CheckpointError(f"{folder} was trained with {manifest['optimizer']}, this run builds "
