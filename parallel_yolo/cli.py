@@ -14,7 +14,7 @@ import time
 
 from .config import (CompareConfig, ConfigError, ConsolidateConfig, TrainConfig, Unanimous, ValConfig,
                      parse_overrides)
-from .heartbeat import PeerLost
+from .heartbeat import LAUNCHER_REPORTS, PeerLost
 
 __all__ = ["main", "run"]
 
@@ -84,10 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("parallel-yolo: interrupted", file=sys.stderr)
         return 130
-
-
-LAUNCHER_REPORTS = "PARALLEL_YOLO_LAUNCHER_REPORTS"
-"""Set by `nproc=N`'s launcher (dist.launch_local) for its processes: it prints the failed group's error itself."""
 
 
 def _report(message: str, *, exitcode: int, every_rank: bool) -> None:

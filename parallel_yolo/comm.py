@@ -34,6 +34,7 @@ _COLLECTIVES = {
     "all_gather": ("tensor_list", lambda n: (n - 1) / n),
     "reduce_scatter": ("input_list", lambda n: (n - 1) / n),
     "isend": ("tensor", lambda n: 1),  # point to point (reduce and reduce-scatter on gloo): the whole tensor
+    "all_to_all_single": ("input", lambda n: (n - 1) / n),  # MuSGD's exchange; counted exactly from its splits
 }
 
 
@@ -93,8 +94,13 @@ class CommCounter:
             value = bound[argument]
             tensors = value if isinstance(value, (list, tuple)) else [value]
             group = bound.get("group")
-            self.add(name, sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)),
-                     dist.get_world_size(group) if dist.is_initialized() else None)
+            size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            splits = bound.get("input_split_sizes")
+            if name == "all_to_all_single" and splits:  # uneven parts: all but this rank's own part leave it
+                self.bytes[name] += (sum(splits) - splits[dist.get_rank(group)]) * value.element_size()
+                self.calls[name] += 1
+            else:
+                self.add(name, size, dist.get_world_size(group) if dist.is_initialized() else None)
             self._inside = True
             try:
                 return original(*args, **kwargs)

@@ -10,7 +10,8 @@ records:
   the live tensors as CUDA's figure does), and of the setup (building and wrapping the model);
 - activation memory: peak minus model states; with the peaks at two batch sizes, a linear fit
   peak(b) = fixed + b x per_image gives the largest per-GPU batch that fits `budget`;
-- bytes sent per step, counted by wrapping the collectives (comm.py), beside the strategy's theory;
+- bytes sent per step, counted by wrapping the collectives (comm.py), beside the strategy's theory (which covers the
+  gradients and parameters); under optimizer=MuSGD, also the bytes its Newton–Schulz exchange sends (`muon`);
 - step time (median of the timed steps after the first, under glibc's default policy) and images/s.
 
 Self-launched (`nproc=N`), every strategy gets fresh processes, so none inherits another's memory; under an
@@ -84,7 +85,7 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     # resident set no longer follows the live tensors
     with memory.returning_freed_memory():
         memory.reset_peak(device)
-        strategy, ema, criterion, numel = _build(name, cfg, env=env, device=device, layout=layout)
+        strategy, ema, criterion, numel, muon_numel = _build(name, cfg, env=env, device=device, layout=layout)
         peaks = {"setup": _peak(strategy, device)}
         for phase, images in (("warm-up", batch), ("warm-up", batch), ("batch", batch), ("double", double)):
             memory.reset_peak(device)  # two warm-up steps: in a probe DDP's peak still grew 260 MiB from step 2 to 3
@@ -103,9 +104,10 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
         "rank": env.rank, "numel": numel, "images_per_rank": cfg.batch // env.world_size,
         "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
         "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
-                                  master=strategy.master_copy, optimizer=cfg.optimizer),
+                                  master=strategy.master_copy, optimizer=cfg.optimizer, muon_numel=muon_numel),
         "peak_bytes": peaks["batch"], "peak_double_batch_bytes": peaks["double"], "peak_setup_bytes": peaks["setup"],
         "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),
+        "muon_sent_bytes_per_step": round(counter.bytes.get("all_to_all_single", 0) / (cfg.steps - 1)),
         "sent_theory_bytes": None if strategy.comm_volume is None else round(
             strategy.comm_volume * (env.world_size - 1) / env.world_size * 4 * numel),
         "step_s": statistics.median(times[1:]), "images_per_s": cfg.batch / statistics.median(times[1:]),
@@ -126,22 +128,21 @@ def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.de
     model = model.to(memory_format=layout)
     if cfg.compile:
         model.compile()
-    numel = sum(p.numel() for p in model.parameters())
+    sizes = {key: p.numel() for key, p in model.named_parameters()}
     make_optimizer = yolo.optimizer_factory(train_cfg, hyp, nc=80, dataset_size=cfg.batch, weight_decay=5e-4)
     strategy.setup(model, make_optimizer=make_optimizer)
     del model
     memory.release_freed()
     strategy.expose_communication()
-    return strategy, strategy.make_ema(), criterion, numel
+    muon = sum(sizes[key] for key in getattr(strategy.inner_optimizer(), "muon_names", ()))
+    return strategy, strategy.make_ema(), criterion, sum(sizes.values()), muon
 
 
 def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
     """One optimizer step as the trainer takes it; with `account`, the state bytes held just before the step."""
-    from .trainer import _to_float
-
     with strategy.autocast():
         preds = strategy.model(batch["img"])
-    loss, _ = criterion(_to_float(preds), batch)
+    loss, _ = criterion(yolo.to_float(preds), batch)
     strategy.backward(loss.sum() * strategy.world_size)
     held = strategy.memory_report(ema) if account else None
     strategy.step()
@@ -191,6 +192,7 @@ def summarize(row: dict[str, Any], budget: int) -> dict[str, Any]:
         "states_vs_formula": held / theory - 1 if theory else None,
         "peak_MiB": peak / MIB, "activations_MiB": (peak - held) / MIB, "per_image_MiB": per_image / MIB,
         "max_batch_per_gpu": fits, "sent_MiB_per_step": sent / MIB,
+        "muon_sent_MiB_per_step": max(r["muon_sent_bytes_per_step"] for r in ranks) / MIB,
         "sent_theory_MiB": None if theory_sent is None else theory_sent / MIB,
         "step_s": max(r["step_s"] for r in ranks), "images_per_s": min(r["images_per_s"] for r in ranks),
     }
@@ -235,7 +237,8 @@ def _print_table(summary: list[dict[str, Any]], cfg: CompareConfig, world: int) 
     table = Table(title=f"{cfg.model} x{world} ranks, imgsz {cfg.imgsz}, batch {cfg.batch}, {cfg.precision}, "
                         f"{cfg.optimizer}: MiB per rank (worst rank)")
     columns = ["strategy", "params", "master", "grads", "optim", "ema", "states", "formula", "diff", "peak",
-               "activ.", "vs ddp", f"batch@{cfg.budget}", "sent/step", "theory", "step s", "img/s", "time vs ddp"]
+               "activ.", "vs ddp", f"batch@{cfg.budget}", "sent/step", "theory", "muon", "step s", "img/s",
+               "time vs ddp"]
     for column in columns:
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for s in summary:
@@ -244,6 +247,7 @@ def _print_table(summary: list[dict[str, Any]], cfg: CompareConfig, world: int) 
                       f"{s['peak_MiB']:.0f}", f"{s['activations_MiB']:.0f}", f"{s['peak_vs_ddp']:.2f}",
                       str(s["max_batch_per_gpu"]), f"{s['sent_MiB_per_step']:.0f}",
                       "-" if s["sent_theory_MiB"] is None else f"{s['sent_theory_MiB']:.0f}",
+                      f"{s['muon_sent_MiB_per_step']:.0f}",
                       f"{s['step_s']:.2f}", f"{s['images_per_s']:.1f}", f"{s['step_vs_ddp']:.2f}")
     Console(width=200).print(table)
 

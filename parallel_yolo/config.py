@@ -21,6 +21,9 @@ __all__ = ["ConfigError", "TrainConfig", "ValConfig", "ConsolidateConfig", "pars
 
 STRATEGY_NAMES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+# what Ultralytics' build_optimizer accepts (any case), spelled as it spells them; `auto`: MuSGD past 10,000 iterations,
+# else AdamW (tests/test_config.py checks the list against Ultralytics')
+OPTIMIZERS = ("SGD", "MuSGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "auto")
 
 # Ultralytics keys that reach the dataset pipeline, the loss or the validator unchanged. Any other Ultralytics key
 # is refused by name rather than silently ignored.
@@ -121,6 +124,7 @@ class TrainConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; "
                               f"choose one of {', '.join(PRECISIONS)}")
+        self.optimizer = _optimizer_name(self.optimizer, OPTIMIZERS)
         if isinstance(self.resume, str) and not Path(self.resume).exists():
             raise ConfigError(f"resume={self.resume}: not found; pass resume=true (the newest run under "
                               f"project={self.project}), a run folder, or a checkpoint folder such as "
@@ -212,7 +216,7 @@ class CompareConfig:
     steps: int = 5
     """Measured optimizer steps per strategy (the first is a warm-up: not in the time or the bytes sent)."""
     optimizer: str = "SGD"
-    """SGD, Adam or AdamW: the ZeRO formula's optimizer-state multiplier follows it."""
+    """Any optimizer Ultralytics builds but `auto` (SGD, MuSGD, Adam, AdamW, ...): the formula's state follows it."""
     budget: str = "80GiB"
     """Memory per GPU (per process on CPU) for the largest-batch estimate: 80GiB, 24GB, 512MiB ..."""
     channels_last: bool = False
@@ -239,9 +243,10 @@ class CompareConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; choose "
                               f"one of {', '.join(PRECISIONS)}")
-        if self.optimizer not in ("SGD", "Adam", "AdamW"):
-            raise ConfigError(f"optimizer={self.optimizer}: compare knows the state size of SGD, Adam and AdamW; "
-                              "pick one of those")
+        self.optimizer = _optimizer_name(self.optimizer, tuple(n for n in OPTIMIZERS if n != "auto"))
+        if self.optimizer == "MuSGD" and self.channels_last:
+            raise ConfigError("channels_last=true with optimizer=MuSGD: MuSGD's sharded step reads matrices in the "
+                              "default memory format; drop channels_last or use another optimizer")
         self.budget_bytes  # noqa: B018  (validates)
 
     @property
@@ -379,3 +384,11 @@ def _at_least(cfg: Any, low: float, *keys: str) -> None:
 
 def _is_cuda_spec(device: str) -> bool:
     return device.startswith("cuda") or all(part.strip().isdigit() for part in device.split(","))
+
+
+def _optimizer_name(name: str, choices: tuple[str, ...]) -> str:
+    """`name` spelled as Ultralytics spells it (it accepts any case), or a one-line refusal naming the choices."""
+    found = {choice.lower(): choice for choice in choices}.get(str(name).lower())
+    if found is None:
+        raise ConfigError(f"optimizer={name}: unknown{_suggest(str(name), choices)}; choose one of {', '.join(choices)}")
+    return found

@@ -195,7 +195,7 @@ def launch_local(nproc: int, argv: list[str], *, max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .cli import LAUNCHER_REPORTS
+    from .heartbeat import LAUNCHER_REPORTS
 
     # the agent's log lines (closing signals, exit codes, restart notices) would bury the one line that matters
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)

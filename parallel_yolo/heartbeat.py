@@ -15,9 +15,13 @@ import threading
 import time
 from datetime import timedelta
 
-__all__ = ["Heartbeat", "PeerLost", "progress"]
+__all__ = ["Heartbeat", "PeerLost", "progress", "LAUNCHER_REPORTS"]
 
 _current: Heartbeat | None = None
+
+LAUNCHER_REPORTS = "PARALLEL_YOLO_LAUNCHER_REPORTS"
+"""Set by `nproc=N`'s launcher (dist.launch_local) for its processes: it prints the failed group's error itself, so
+a failing rank only writes it for the launcher (cli._report)."""
 
 
 class PeerLost(RuntimeError):

@@ -22,8 +22,10 @@ __all__ = ["current_rss", "peak_rss", "reset_peak", "storage_bytes", "report", "
 CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
 """Model states by category; `master`: a separate full-precision copy of the weights (zero3_offload's, in CPU memory)."""
 
-OPTIMIZER_STATES = {"SGD": 1, "Adam": 2, "AdamW": 2}
-"""Tensors of optimizer state per parameter (SGD: momentum; Adam, AdamW: both moments), each the parameter's size."""
+OPTIMIZER_STATES = {"SGD": 1, "Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "RMSprop": 2, "MuSGD": 1}
+"""Tensors of optimizer state per parameter, each the parameter's size, as Ultralytics' build_optimizer sets each up
+(SGD: momentum; the Adam family: two moments; RMSprop, given a momentum: square average and momentum; MuSGD: a
+momentum, plus its SGD half's momentum for the parameters of its muon groups, `formula(muon_numel=)`)."""
 
 
 @functools.cache
@@ -152,7 +154,7 @@ def report(*, params, master, grads, optimizer_state, ema, baseline: int, device
 
 
 def formula(*, numel: int, world_size: int, sharded: frozenset[str], master: bool, optimizer: str,
-            element_bytes: int = 4) -> dict[str, int]:
+            element_bytes: int = 4, muon_numel: int = 0) -> dict[str, int]:
     """The ZeRO paper's model-state bytes per rank for `numel` parameters, by category.
 
     `sharded`: the categories the strategy splits over the ranks (ZeRO-1: optimizer state; ZeRO-2: + gradients;
@@ -164,6 +166,7 @@ def formula(*, numel: int, world_size: int, sharded: frozenset[str], master: boo
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"no formula for optimizer {optimizer}")
     full = {"params": numel, "master": numel if master else 0, "grads": numel,
-            "optimizer_state": OPTIMIZER_STATES[optimizer] * numel, "ema": numel}
+            "optimizer_state": OPTIMIZER_STATES[optimizer] * numel + (muon_numel if optimizer == "MuSGD" else 0),
+            "ema": numel}
     shards = {"master": "optimizer_state", "ema": "params"}  # each sharded like the state it follows
     return {k: element_bytes * (-(-v // world_size) if shards.get(k, k) in sharded else v) for k, v in full.items()}

@@ -232,7 +232,7 @@ class Trainer:
             with contextlib.nullcontext() if last else self.strategy.no_sync():
                 with self.strategy.autocast():
                     preds = self.model(part["img"])
-                loss, items = self.criterion(_to_float(preds), part)
+                loss, items = self.criterion(yolo.to_float(preds), part)
                 self.strategy.backward(loss.sum() * self.strategy.world_size)
             if isinstance(items, dict):
                 self.loss_names = tuple(items)
@@ -301,17 +301,6 @@ def _on_main_first(strategy, build):
     if error:
         raise Unanimous(error)
     return result if strategy.is_main else build()
-
-
-def _to_float(value: Any) -> Any:
-    """Predictions in fp32 so the loss is computed in fp32 under every precision policy."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: _to_float(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_float(v) for v in value)
-    return value
 
 
 def _summary(metrics: dict | None) -> str:

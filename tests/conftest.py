@@ -130,6 +130,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """What a launcher would set for rank `rank` of `world` local processes (for workers started by mp.spawn)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def tiny_batch() -> dict:
+    """Two 64-px noise images with one box each, in the layout Ultralytics' loss takes."""
+    import torch
+
+    return {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+            "cls": torch.tensor([[0.0], [2.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.3, 0.6, 0.2, 0.4]])}
+
+
 def rows(csv_path: Path) -> int:
     return max(len(csv_path.read_text().splitlines()) - 1, 0) if csv_path.exists() else 0
 

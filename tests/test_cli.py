@@ -53,6 +53,7 @@ BAD = {
     "negative epochs": (["epochs=-1"], "epochs=-1", {}),
     "unknown strategy": (["strategy=zero9"], "unknown", {}),
     "unknown precision": (["precision=fp8"], "precision=fp8", {}),
+    "unknown optimizer": (["optimizer=Adagrad"], "optimizer=Adagrad: unknown", {}),
     "not key=value": (["epochs"], "key=value", {}),
     "batch not divisible": (["nproc=3", "batch=16"], "batch=15 or batch=18", {}),
     "single on two processes": (["nproc=2", "strategy=single"], "strategy=single", {}),
@@ -99,6 +100,24 @@ def test_bad_train_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, t
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("parallel-yolo: error:") and needle in lines[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_optimizer_names_are_ultralytics_own_in_any_case():
+    """The names train= accepts are those Ultralytics' build_optimizer accepts (its error lists them), normalised as
+    Ultralytics normalises them."""
+    import re
+    from types import SimpleNamespace
+
+    import torch
+    from ultralytics.engine.trainer import BaseTrainer
+
+    from parallel_yolo.config import OPTIMIZERS, TrainConfig
+
+    with pytest.raises(NotImplementedError) as refused:
+        BaseTrainer.build_optimizer(SimpleNamespace(args=None, data={}), model=torch.nn.Linear(2, 2), name="Adagrad")
+    listed = set(re.findall(r"'(\w+)'", re.search(r"\{.*\}", str(refused.value)).group(0)))
+    assert listed == set(OPTIMIZERS)
+    assert TrainConfig(optimizer="musgd").optimizer == "MuSGD" and TrainConfig(optimizer="ADAMW").optimizer == "AdamW"
 
 
 def test_catalogue_size():

@@ -54,6 +54,10 @@ def test_formula_follows_the_strategy_and_optimizer():
     assert ddp == {"params": 4000, "master": 0, "grads": 4000, "optimizer_state": 4000, "ema": 4000}
     assert zero2 == {"params": 4000, "master": 1000, "grads": 1000, "optimizer_state": 2000, "ema": 4000}
     assert zero3 == {"params": 1000, "master": 1000, "grads": 1000, "optimizer_state": 2000, "ema": 1000}
+    # MuSGD: a momentum per parameter, and its SGD half's for the parameters of the muon groups (here 900)
+    musgd = memory.formula(numel=n, world_size=4, sharded=frozenset({"optimizer_state"}), master=False,
+                           optimizer="MuSGD", muon_numel=900)
+    assert musgd["optimizer_state"] == 4 * 475  # (1000 + 900) elements over 4 ranks, 4 bytes each
 
 
 def _count_all_reduce(rank: int, world: int, port: int, out) -> None:
@@ -63,6 +67,10 @@ def _count_all_reduce(rank: int, world: int, port: int, out) -> None:
         tensor = torch.ones(1000)
         torch.distributed.all_reduce(tensor)
         torch.distributed.all_reduce(tensor=tensor[:10])
+        # MuSGD's exchange: uneven parts, a rank's own part stays with it (rank 0 keeps 2 of 6, rank 1 5 of 6)
+        splits = [[2, 4], [1, 5]]
+        received = torch.empty(splits[0][rank] + splits[1][rank])
+        torch.distributed.all_to_all_single(received, torch.ones(6), [s[rank] for s in splits], splits[rank])
     out.put((rank, dict(counter.bytes), dict(counter.calls), tensor[0].item()))
     torch.distributed.destroy_process_group()
 
@@ -82,5 +90,6 @@ def test_counter_counts_a_known_all_reduce_exactly():
     # ring all-reduce over 2 ranks: each sends half of the tensor twice, i.e. the tensor's bytes
     expected = ring_bytes("all_reduce", 4000, 2) + ring_bytes("all_reduce", 40, 2)
     assert expected == 4040
-    for _, sent, calls, value in results:
-        assert sent == {"all_reduce": 4040} and calls == {"all_reduce": 2} and value == 4.0
+    for rank, sent, calls, value in results:
+        assert sent == {"all_reduce": 4040, "all_to_all_single": [16, 4][rank]} and value == 4.0
+        assert calls == {"all_reduce": 2, "all_to_all_single": 1}

@@ -7,7 +7,8 @@ import signal
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
-from parallel_yolo.cli import LAUNCHER_REPORTS, _report
+from parallel_yolo.cli import _report
+from parallel_yolo.heartbeat import LAUNCHER_REPORTS
 from parallel_yolo.dist import first_cause
 
 TERM, KILL = -signal.SIGTERM, -signal.SIGKILL

@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import memory
 from ..dist import DistEnv, broadcast_object, gather_object
+from ..ema import ShardedEMA
 from ..precision import PrecisionPolicy
 
 __all__ = ["Strategy", "ReplicatedEMA", "ParamShard", "OptimizerSpan", "MAX_GRAD_NORM"]
@@ -118,10 +119,19 @@ class Strategy:
     # ---- model and optimizer -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap `model`, then build the optimizer over the parameters the wrapped model trains.
+        """Wrap `model`, build the optimizer over the parameters the wrapped model trains, and tell an optimizer that
+        needs whole matrices (DistributedMuSGD) where every rank's pieces of them are (a collective)."""
+        from ..optim import DistributedMuSGD
 
-        `make_optimizer` receives the unwrapped module so Ultralytics' param-group rules see the real module tree.
-        """
+        wrapped = self.wrap(model, make_optimizer=make_optimizer)
+        if isinstance(self.inner_optimizer(), DistributedMuSGD):
+            self.inner_optimizer().bind(self)
+        return wrapped
+
+    def wrap(self, model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+             ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The backend's part of setup: wrap the model, then build the optimizer (`make_optimizer` receives the
+        unwrapped module so Ultralytics' param-group rules see the real module tree)."""
         raise NotImplementedError
 
     @property
@@ -219,14 +229,31 @@ class Strategy:
     def inner_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 
-    def make_ema(self) -> ReplicatedEMA:
-        return ReplicatedEMA(self)
+    def optimizer_units(self) -> list[list[torch.Tensor]]:
+        """The tensors the inner optimizer steps, in the groups the backend steps together, one step() call each
+        (the same number and order on every rank): here one call over all of them."""
+        return [[p for group in self.inner_optimizer().param_groups for p in group["params"]]]
+
+    def make_ema(self) -> ReplicatedEMA | ShardedEMA:
+        """Ultralytics' ModelEMA where every rank holds whole parameters; else an EMA of this rank's shards."""
+        return ShardedEMA(self) if "params" in self.sharded else ReplicatedEMA(self)
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's shard of every parameter and the (replicated) buffers, by state-dict name: what the sharded EMA
+        averages. Provided, with `assemble`, by the strategies that shard the parameters."""
+        raise NotImplementedError(f"{self.name} holds whole parameters; its EMA is ReplicatedEMA")
+
+    def assemble(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors on CPU, in state-dict order, from every rank's `local_state()`-shaped values (collective)."""
+        raise NotImplementedError(f"{self.name} holds whole parameters; nothing to assemble")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on CPU, buffers averaged over ranks (a collective). Copies, each with a storage
         of its own: under ZeRO-1/2 the parameters are views of one flat buffer, and pickling such views (torch.save,
         object collectives) writes the whole buffer once per tensor."""
         buffers = self.averaged_copies(dict(self.raw_model.named_buffers()))
+        if "params" in self.sharded:
+            return self.assemble({**self.local_state(), **buffers})
         return {k: buffers.get(k, v).detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
 
 

@@ -16,7 +16,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
     comm_volume = 2.0
 
-    def setup(self, model, *, make_optimizer):
+    def wrap(self, model, *, make_optimizer):
         model = model.to(self.device)
         if self.options.get("sync_bn") and self.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from .. import memory
-from ..ema import ShardedEMA
 from .base import MAX_GRAD_NORM, OptimizerSpan, ParamShard, Strategy
 from .gloo import all_gather_by_broadcasts, reduce_scatter_by_sends
 from .registry import register
@@ -49,7 +48,7 @@ class ZeroStrategy(Strategy):
         self._boundary = True
         self._sends: _ReduceBySends | None = None
 
-    def setup(self, model, *, make_optimizer):
+    def wrap(self, model, *, make_optimizer):
         deepspeed = import_deepspeed()
         model = model.to(self.device)
         self._raw = model
@@ -125,6 +124,10 @@ class ZeroStrategy(Strategy):
 
     def _master_params(self) -> list[torch.Tensor]:
         return self._wrapper_tensors("single_partition_of_fp32_groups")
+
+    def optimizer_units(self) -> list[list[torch.Tensor]]:
+        """Stages 1 and 2 step each param group's flat partition in a call of its own (`_optimizer_step`)."""
+        return [[t] for t in self.optimizer.single_partition_of_fp32_groups]
 
     def _extra_grad_tensors(self) -> list[torch.Tensor]:
         return self._wrapper_tensors("averaged_gradients", "ipg_buffer", "grads_in_partition")
@@ -272,9 +275,9 @@ class Zero3Strategy(ZeroStrategy):
     sharded = frozenset({"optimizer_state", "grads", "params"})
     comm_volume = 3.0
 
-    def setup(self, model, *, make_optimizer):
+    def wrap(self, model, *, make_optimizer):
         _unshare_stateless_children(model)
-        return super().setup(model, make_optimizer=make_optimizer)
+        return super().wrap(model, make_optimizer=make_optimizer)
 
     def step(self) -> tuple[float, bool]:
         result = super().step()
@@ -302,9 +305,6 @@ class Zero3Strategy(ZeroStrategy):
         state_keys = self._raw.state_dict().keys()
         return {k: out[k] for k in state_keys if k in out}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.assemble({**self.local_state(), **self.averaged_copies(dict(self._raw.named_buffers()))})
-
     def param_shards(self) -> list[ParamShard]:
         """Each parameter is cut into equal flat slices (the last padded); rank r holds slice r in `ds_tensor`,
         a view into one of ZeRO's flat sub-group partitions, whose fp32 master copy the optimizer steps."""
@@ -331,8 +331,9 @@ class Zero3Strategy(ZeroStrategy):
     def _master_params(self) -> list[torch.Tensor]:
         return self._wrapper_tensors("fp32_partitioned_groups_flat")
 
-    def make_ema(self) -> ShardedEMA:
-        return ShardedEMA(self)
+    def optimizer_units(self) -> list[list[torch.Tensor]]:
+        """Stage 3 steps each sub-group's flat partition in a call of its own (`_optimizer_step`)."""
+        return [[t] for t in self.optimizer.fp32_partitioned_groups_flat]
 
 
 def _unshare_stateless_children(model: torch.nn.Module) -> None:

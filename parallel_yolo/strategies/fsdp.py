@@ -19,7 +19,6 @@ import math
 
 import torch
 
-from ..ema import ShardedEMA
 from .base import OptimizerSpan, ParamShard, Strategy
 from .gloo import all_gather_by_broadcasts, reduce_scatter_by_sends
 from .registry import register
@@ -46,7 +45,7 @@ class FSDPStrategy(Strategy):
 
         return init_device_mesh(self.device.type, (self.world_size,))
 
-    def setup(self, model, *, make_optimizer):
+    def wrap(self, model, *, make_optimizer):
         from torch.distributed.fsdp import fully_shard
 
         model = model.to(self.device)
@@ -96,9 +95,6 @@ class FSDPStrategy(Strategy):
                 out[k] = local[k].detach().cpu()
         return out
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.assemble({**self.local_state(), **self.averaged_copies(dict(self._raw.named_buffers()))})
-
     def param_shards(self) -> list[ParamShard]:
         """FSDP2 shards dim 0 into contiguous row blocks, so each local shard is one flat range of the tensor;
         optimizer state is sharded exactly like its parameter. Under hsdp the replicas split the writing."""
@@ -116,9 +112,6 @@ class FSDPStrategy(Strategy):
 
     def _local_params(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.model.parameters()]
-
-    def make_ema(self) -> ShardedEMA:
-        return ShardedEMA(self)
 
 
 def _is_dtensor(tensor) -> bool:

@@ -10,7 +10,7 @@ from .registry import register
 class SingleStrategy(Strategy):
     name = "single"
 
-    def setup(self, model, *, make_optimizer):
+    def wrap(self, model, *, make_optimizer):
         self._raw = self.model = model.to(self.device)
         self.optimizer = make_optimizer(model)
         return self.model, self.optimizer

@@ -4,12 +4,10 @@ rank, and Ultralytics' three param groups (with their own lr and weight decay) s
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, rank_environment, tiny_batch
 
 from parallel_yolo.strategies import REGISTRY
 
@@ -18,8 +16,7 @@ DISTRIBUTED = sorted(name for name in REGISTRY if name not in {"single", "zero1"
 
 
 def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_environment(rank, world, port)
     import torch.distributed as dist
 
     from parallel_yolo import dist as pdist, yolo
@@ -43,8 +40,7 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
             group["lr"] = lr
         torch.manual_seed(1 + rank)  # different images per rank: BatchNorm statistics differ per rank
         for _ in range(2):
-            batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
-                     "cls": torch.tensor([[0.0], [2.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.3]] * 2)}
+            batch = tiny_batch()
             loss, _ = criterion(wrapped(batch["img"]), batch)
             strategy.backward(loss.sum() * world)
             strategy.step()

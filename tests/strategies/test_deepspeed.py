@@ -9,7 +9,7 @@ import os
 
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, rank_environment
 
 
 class _Optimizer:
@@ -72,8 +72,7 @@ def test_reduce_by_sends_matches_torch_and_finishes_sends_before_buffer_reuse(tm
 
 
 def _train_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank_environment(rank, world, port)
     from torch import nn
 
     from parallel_yolo import dist as pdist
