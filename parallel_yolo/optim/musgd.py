@@ -152,6 +152,7 @@ class DistributedMuSGD(torch.optim.Optimizer):
         self.bytes_sent = 0
         """Bytes this rank has sent to other ranks for the Muon step."""
         self._held: dict[str, tuple[torch.Tensor, int, int]] = {}  # muon matrix -> (optimizer tensor, offset, size)
+        self._held_in: dict[int, list[str]] = {}  # optimizer tensor's id -> the muon matrices it holds pieces of
         self._unit_of: dict[int, int] = {}
         self._table: list[_Piece] = []
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -172,6 +173,7 @@ class DistributedMuSGD(torch.optim.Optimizer):
             if span is None or span.hi <= span.lo:
                 continue
             self._held[shard.name] = (span.key, span.offset, span.hi - span.lo)
+            self._held_in.setdefault(id(span.key), []).append(shard.name)
             mine.append(_Piece(shard.name, strategy.rank, self._unit_of[id(span.key)], span.lo, span.hi,
                                span.share[0]))
         self._table = [piece for pieces in strategy.gather_object(mine) for piece in pieces]
@@ -243,7 +245,7 @@ class DistributedMuSGD(torch.optim.Optimizer):
                        lambda p, data: received.__setitem__(p.name, data))
         out = {}
         for key_id, update in updates.items():
-            names = [n for n, (key, _, _) in self._held.items() if id(key) == key_id]
+            names = self._held_in.get(key_id, [])
             if len(names) == 1 and self._held[names[0]][2] == update.numel():  # DDP, FSDP: one matrix per tensor
                 out[key_id] = received[names[0]].to(update.device, update.dtype)
                 continue
