@@ -63,7 +63,11 @@ class CommCounter:
         self.calls.clear()
 
     def add(self, collective: str, full_bytes: int, group_size: int | None = None) -> None:
-        self.bytes[collective] += ring_bytes(collective, full_bytes, group_size or self.world_size)
+        self.count(collective, ring_bytes(collective, full_bytes, group_size or self.world_size))
+
+    def count(self, collective: str, sent_bytes: int) -> None:
+        """One call that sent `sent_bytes` from this rank."""
+        self.bytes[collective] += sent_bytes
         self.calls[collective] += 1
 
     def __enter__(self) -> CommCounter:
@@ -94,13 +98,12 @@ class CommCounter:
             value = bound[argument]
             tensors = value if isinstance(value, (list, tuple)) else [value]
             group = bound.get("group")
-            size = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
             splits = bound.get("input_split_sizes")
             if name == "all_to_all_single" and splits:  # uneven parts: all but this rank's own part leave it
-                self.bytes[name] += (sum(splits) - splits[dist.get_rank(group)]) * value.element_size()
-                self.calls[name] += 1
+                self.count(name, (sum(splits) - splits[dist.get_rank(group)]) * value.element_size())
             else:
-                self.add(name, size, dist.get_world_size(group) if dist.is_initialized() else None)
+                self.add(name, sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)),
+                         dist.get_world_size(group) if dist.is_initialized() else None)
             self._inside = True
             try:
                 return original(*args, **kwargs)
