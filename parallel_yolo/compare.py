@@ -37,6 +37,7 @@ from .comm import CommCounter
 from .config import CompareConfig, TrainConfig
 from .precision import policy
 from .runlog import RunLog
+from .step import forward_backward
 from .strategies import create, preset
 
 __all__ = ["run_compare", "synthetic_batch"]
@@ -85,7 +86,7 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     # resident set no longer follows the live tensors
     with memory.returning_freed_memory():
         memory.reset_peak(device)
-        strategy, ema, criterion, numel, muon_numel = _build(name, cfg, env=env, device=device, layout=layout)
+        strategy, ema, criterion, numel, muon_numel = _build(name, cfg, env=env, device=device)
         peaks = {"setup": _peak(strategy, device)}
         for phase, images in (("warm-up", batch), ("warm-up", batch), ("batch", batch), ("double", double)):
             memory.reset_peak(device)  # two warm-up steps: in a probe DDP's peak still grew 260 MiB from step 2 to 3
@@ -117,15 +118,15 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     return result
 
 
-def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device, layout: torch.memory_format):
+def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device):
     """The strategy with the model set up on it, its EMA, the loss, and the model's parameter count."""
     train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
                             strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
     hyp = yolo.hyp_namespace(train_cfg)
-    strategy = create(name, env=env, device=device, precision=policy(cfg.precision), options=preset(name))
+    strategy = create(name, env=env, device=device, precision=policy(cfg.precision),
+                      options=preset(name, cuda=device.type == "cuda"))
     model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
     criterion = yolo.build_criterion(model)
-    model = model.to(memory_format=layout)
     if cfg.compile:
         model.compile()
     sizes = {key: p.numel() for key, p in model.named_parameters()}
@@ -139,13 +140,11 @@ def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.de
 
 
 def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
-    """One optimizer step as the trainer takes it; with `account`, the state bytes held just before the step."""
-    with strategy.autocast():
-        preds = strategy.model(batch["img"])
-    loss, _ = criterion(yolo.to_float(preds), batch)
-    strategy.backward(loss.sum() * strategy.world_size)
+    """One optimizer step through the trainer's own code; with `account`, the state bytes held just before the
+    optimizer step."""
+    items, _ = forward_backward(strategy, criterion, batch, micro=batch["img"].shape[0], sync=True)
     held = strategy.memory_report(ema) if account else None
-    strategy.step()
+    strategy.step(items)
     ema.update()
     if strategy.device.type == "cuda":
         torch.cuda.synchronize(strategy.device)

@@ -60,7 +60,14 @@ class TrainConfig:
     """Images per forward pass on one process; default batch/world_size. Smaller values accumulate gradients."""
     imgsz: int = 640
     workers: int = 8
-    """Dataloader workers per process, capped at the CPU cores available to that process."""
+    """Dataloader workers per process, at most the CPU cores divided by the local processes (as Ultralytics)."""
+    prefetch_factor: int = 4
+    """Batches each worker prepares ahead (Ultralytics' training loader uses 4)."""
+    channels_last: bool | None = None
+    """Images, and so the activations, in channels-last memory format (faster convolutions on tensor cores).
+    None: on for CUDA, off on CPU, as Ultralytics does."""
+    compile: bool = False
+    """torch.compile the model before the strategy wraps it (the first steps compile)."""
     device: str | None = None
     """None picks CUDA when present, else CPU; `cpu` forces CPU and gloo."""
     optimizer: str = "auto"
@@ -87,7 +94,8 @@ class TrainConfig:
     strategy: str | None = None
     """single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp; default from the launcher."""
     precision: str | None = None
-    """fp32, bf16-mixed or fp16-mixed; default from the launcher (accelerate's mixed_precision) or fp32."""
+    """fp32, bf16-mixed or fp16-mixed; default from the launcher (accelerate's mixed_precision), else bf16-mixed on
+    GPUs that support it (fp16-mixed on older ones, where the strategy can scale the loss), fp32 on CPU."""
     nproc: int | None = None
     """Start this many local processes when not already under a launcher."""
     max_steps: int | None = None
@@ -108,7 +116,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch", "imgsz")
         _at_least(self, 0, "workers", "close_mosaic", "ckpt_every", "warmup_epochs", "lr0", "lrf", "weight_decay")
-        _at_least(self, 1, "keep_last")
+        _at_least(self, 1, "keep_last", "prefetch_factor")
         _at_least(self, 0, "max_restarts")
         if self.timeout < 10:
             raise ConfigError(f"timeout={self.timeout:g}: collectives need at least 10 seconds; e.g. timeout=600")
@@ -220,7 +228,7 @@ class CompareConfig:
     budget: str = "80GiB"
     """Memory per GPU (per process on CPU) for the largest-batch estimate: 80GiB, 24GB, 512MiB ..."""
     channels_last: bool = False
-    """Weights and images in channels-last memory format (faster convolutions on recent GPUs)."""
+    """Images, and so the activations, in channels-last memory format, as `train` does (see TrainConfig)."""
     compile: bool = False
     """torch.compile the model before the strategy wraps it (the first step, which compiles, is not timed)."""
     device: str | None = None
@@ -244,9 +252,6 @@ class CompareConfig:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; choose "
                               f"one of {', '.join(PRECISIONS)}")
         self.optimizer = _optimizer_name(self.optimizer, tuple(n for n in OPTIMIZERS if n != "auto"))
-        if self.optimizer == "MuSGD" and self.channels_last:
-            raise ConfigError("channels_last=true with optimizer=MuSGD: MuSGD's sharded step reads matrices in the "
-                              "default memory format; drop channels_last or use another optimizer")
         self.budget_bytes  # noqa: B018  (validates)
 
     @property

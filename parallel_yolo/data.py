@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .config import ConfigError, Unanimous
 
 __all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
-           "preprocess", "split_batch"]
+           "preprocess", "split_batch", "Timed"]
 
 DEMO_CLASSES = {0: "square", 1: "circle", 2: "triangle"}
 DEMO_VERSION = 1
@@ -258,26 +259,55 @@ def _draw_mosaic_partners_from_whole_dataset(transform) -> None:
             _draw_mosaic_partners_from_whole_dataset(child)
 
 
-def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: int, seed: int) -> DataLoader:
+def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: int, seed: int,
+                 device: torch.device, prefetch_factor: int = 4) -> DataLoader:
+    """This rank's loader, as Ultralytics' build_dataloader makes it (pinned memory for a GPU, `prefetch_factor`
+    batches ahead per worker), with workers that live as long as the loader: started once, not every epoch."""
     samples = SeededSamples(dataset)
     sampler = GlobalBatchSampler(len(dataset), batch=batch, rank=rank, world_size=world_size, shuffle=True, seed=seed)
     return DataLoader(samples, batch_size=batch // world_size, sampler=sampler, num_workers=workers,
-                      collate_fn=dataset.collate_fn, persistent_workers=False)
+                      collate_fn=dataset.collate_fn, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      prefetch_factor=prefetch_factor if workers > 0 else None)
 
 
-def val_loader(dataset, *, batch: int, workers: int, distributed: bool) -> DataLoader:
+def val_loader(dataset, *, batch: int, workers: int, distributed: bool, device: torch.device) -> DataLoader:
     """Ultralytics' own val loader: each rank takes a contiguous shard; the validator gathers the stats."""
     from ultralytics.data.build import build_dataloader
 
-    return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=0 if distributed else -1)
+    return build_dataloader(dataset, batch=batch, workers=workers, shuffle=False, rank=0 if distributed else -1,
+                            device=device)
 
 
-def preprocess(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Ultralytics' DetectionTrainer.preprocess_batch: tensors to the device, images to float in [0, 1]."""
+def preprocess(batch: dict[str, Any], device: torch.device, *, channels_last: bool = False) -> dict[str, Any]:
+    """Ultralytics' DetectionTrainer.preprocess_batch: tensors to the device, images to float in [0, 1] (in
+    channels-last memory format if asked: the convolutions' activations follow their input's format)."""
     out = {k: v.to(device, non_blocking=device.type == "cuda") if isinstance(v, torch.Tensor) else v
            for k, v in batch.items()}
     out["img"] = out["img"].float() / 255
+    if channels_last:
+        out["img"] = out["img"].contiguous(memory_format=torch.channels_last)
     return out
+
+
+class Timed:
+    """An iterable's items, counting in `waited` the seconds spent waiting for them."""
+
+    def __init__(self, iterable):
+        self.iterable, self.waited = iterable, 0.0
+
+    def __len__(self) -> int:
+        return len(self.iterable)
+
+    def __iter__(self):
+        iterator = iter(self.iterable)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - start
+            yield item
 
 
 def split_batch(batch: dict[str, Any], micro: int) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = ["DistEnv", "read_env", "process_group", "init_process_group", "destroy", "launch_local",
-           "cpu_threads_per_process", "gather_object", "broadcast_object", "check_nproc"]
+           "cpu_threads_per_process", "loader_workers", "available_cores", "gather_object", "broadcast_object", "check_nproc"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -67,13 +67,22 @@ def pick_device(env: DistEnv, requested: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_threads_per_process(env: DistEnv) -> int:
-    """Share the cores among the local processes: N processes with all cores each thrash a small machine.
-    An explicit OMP_NUM_THREADS wins (torchrun sets it to 1 for multi-process runs)."""
+    """Compute threads of a CPU process: the cores shared among the local processes (N processes with all cores
+    each thrash a small machine). An explicit OMP_NUM_THREADS wins (torchrun sets it to 1 for multi-process runs)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(env.local_world_size, 1))
+    return max(1, available_cores() // max(env.local_world_size, 1))
+
+
+def loader_workers(requested: int, env: DistEnv) -> int:
+    """Data workers per process, as Ultralytics' build_dataloader: the cores shared among the local processes, at
+    most `requested`. Not OMP_NUM_THREADS, which launchers set to 1 for the compute threads, not the loaders."""
+    return min(requested, max(1, available_cores() // max(env.local_world_size, 1)))
 
 
 def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800.0) -> None:
@@ -116,6 +125,7 @@ def process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800
     that destroys gloo while a peer's last collective (say a gather it only sent to) is still in flight aborts
     ("terminate called without an active exception"). After an error there is no barrier, which could hang.
     A collective that fails because a peer died or froze is re-raised as PeerLost naming that rank."""
+    from .comm import STRICT_DEVICE, StrictDevice
     from .heartbeat import Heartbeat
 
     if env.launched:
@@ -123,8 +133,10 @@ def process_group(env: DistEnv, device: torch.device, *, timeout_s: float = 1800
     init_process_group(env, device, timeout_s=timeout_s)
     beat = Heartbeat(rank=env.rank, world_size=env.world_size, timeout_s=timeout_s) \
         if dist.is_initialized() and env.world_size > 1 else None
+    strict = StrictDevice() if os.environ.get(STRICT_DEVICE) == "1" else contextlib.nullcontext()
     try:
-        yield
+        with strict:
+            yield
         if dist.is_initialized():
             dist.barrier()
     except RuntimeError as error:

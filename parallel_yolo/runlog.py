@@ -13,7 +13,8 @@ import yaml
 
 __all__ = ["RunLog", "STEP_COLUMNS"]
 
-STEP_COLUMNS = ("step", "epoch", "loss", "box_loss", "cls_loss", "dfl_loss", "lr", "grad_norm", "images_per_s")
+STEP_COLUMNS = ("step", "epoch", "loss", "box_loss", "cls_loss", "dfl_loss", "lr", "grad_norm", "images_per_s",
+                "step_s", "data_s")
 
 
 class RunLog:

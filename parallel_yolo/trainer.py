@@ -6,7 +6,6 @@ strategy, so this file is the same for every strategy and launcher.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from copy import copy
 from pathlib import Path
@@ -21,6 +20,7 @@ from .heartbeat import progress
 from .precision import policy
 from .recipe import Schedule
 from .runlog import RunLog
+from .step import forward_backward
 from .strategies import create, preset, select
 from .validate import Evaluator
 
@@ -50,7 +50,7 @@ def train(cfg: TrainConfig, *, launch_record: Path | None = None) -> dict[str, A
     device = dist.pick_device(env, cfg.device)
     with dist.process_group(env, device, timeout_s=cfg.timeout):
         strategy = create(name, env=env, device=device, precision=policy(precision),
-                          options={**preset(name), "sync_bn": cfg.sync_bn})
+                          options={**preset(name, cuda=device.type == "cuda"), "sync_bn": cfg.sync_bn})
         metrics = Trainer(cfg, strategy, launch_record=launch_record).fit()
         del strategy  # the wrapped model holds the group: free it while every rank is still connected
     return metrics
@@ -62,6 +62,9 @@ class Trainer:
 
         self.cfg, self.strategy, self.device = cfg, strategy, strategy.device
         init_seeds(cfg.seed, cfg.deterministic)
+        # cuDNN tries the convolution algorithms once per shape and keeps the fastest, unless results must repeat
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         self.data = datamod.resolve_dataset(cfg.data)
         self.local_batch, self.micro = cfg.per_rank_batch(strategy.world_size)
         self.hyp = yolo.hyp_namespace(cfg)
@@ -73,6 +76,8 @@ class Trainer:
                                  verbose=False)
         self.criterion = yolo.build_criterion(model)
         self.stride = max(int(model.stride.max()), 32)
+        if cfg.compile:
+            model.compile()  # before the strategy wraps it, as compare measures it
         self._build_loaders()
         self.accumulate, weight_decay = yolo.nominal_accumulate(cfg, self.batches_per_epoch)
         make_optimizer = yolo.optimizer_factory(cfg, self.hyp, nc=self.data["nc"],
@@ -88,6 +93,7 @@ class Trainer:
                                  accumulate=self.accumulate)
         self.ema = strategy.make_ema()
         self.step, self.best_fitness, self.loss_names = 0, None, ("box_loss", "cls_loss", "dfl_loss")
+        self.time_in_steps, self.time_waiting = 0.0, 0.0  # seconds between optimizer steps; of them, waiting for data
         self.position, self.last_opt = (0, 0), -1  # (epoch, batch) the next iteration runs; last stepping iteration
         folder = self._resume() if cfg.resume else None
         self._snapshot_buffers()
@@ -132,16 +138,20 @@ class Trainer:
     def _build_loaders(self) -> None:
         cfg, strategy = self.cfg, self.strategy
         self.imgsz = self.hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=self.stride)
-        workers = min(cfg.workers, dist.cpu_threads_per_process(strategy.env))
+        self.workers = dist.loader_workers(cfg.workers, strategy.env)
         train_set = _on_main_first(strategy, lambda: datamod.build_dataset(
             self.hyp, self.data, "train", batch=self.local_batch, stride=self.stride, mode="train"))
         val_set = _on_main_first(strategy, lambda: datamod.build_dataset(
             self.hyp, self.data, "val", batch=self.local_batch * 2, stride=self.stride, mode="val", rect=True))
-        self.train_loader = datamod.train_loader(train_set, batch=cfg.batch, rank=strategy.rank,
-                                                 world_size=strategy.world_size, workers=workers, seed=cfg.seed)
-        self.val_loader = datamod.val_loader(val_set, batch=self.local_batch * 2, workers=workers,
-                                             distributed=strategy.distributed)
+        self.train_loader = self._train_loader(train_set)
+        self.val_loader = datamod.val_loader(val_set, batch=self.local_batch * 2, workers=self.workers,
+                                             distributed=strategy.distributed, device=self.device)
         self.batches_per_epoch = self.train_loader.sampler.batches()
+
+    def _train_loader(self, dataset):
+        return datamod.train_loader(dataset, batch=self.cfg.batch, rank=self.strategy.rank,
+                                    world_size=self.strategy.world_size, workers=self.workers, seed=self.cfg.seed,
+                                    device=self.device, prefetch_factor=self.cfg.prefetch_factor)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any] | None:
@@ -158,6 +168,9 @@ class Trainer:
             close_at = max(cfg.epochs - cfg.close_mosaic, 0)
             if cfg.close_mosaic and (epoch == close_at or epoch == first_epoch > close_at):
                 self.train_loader.dataset.close_mosaic(hyp=copy(self.hyp))
+                # persistent workers hold a copy of the dataset made when they started: new workers see the change
+                self.train_loader = self._train_loader(self.train_loader.dataset.dataset)
+                self.train_loader.sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
             epoch_loss, stop = self._train_epoch(epoch)
             if hasattr(self.criterion, "update"):
                 self.criterion.update()
@@ -169,7 +182,19 @@ class Trainer:
                 break
         self._write_memory()
         self._say(f"done in {time.time() - start:.1f}s: " + _summary(metrics))
+        self._say(self._data_wait_report())
         return metrics
+
+    def _data_wait_report(self) -> str:
+        """How much of the training time the slowest rank waited for its loader, with advice when it matters."""
+        waited, total = max(self.strategy.gather_object((self.time_waiting, self.time_in_steps)),
+                            key=lambda pair: pair[0] / max(pair[1], 1e-9))
+        share = waited / total if total else 0.0
+        line = f"data loading: waited {waited:.1f}s of {total:.1f}s training ({share:.1%}, slowest rank)"
+        if share > 0.1:
+            line += (f"; the loader does not keep up: raise workers= (now {self.workers} per process, "
+                     f"{dist.available_cores()} cores here), cache=ram, or a smaller imgsz")
+        return line
 
     def _write_memory(self) -> None:
         """memory.json: what every rank holds, by category, and its peak memory."""
@@ -182,35 +207,43 @@ class Trainer:
                  "ranks": reports}, indent=2))
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
+        """One epoch of iterations. Losses stay on the device: the step's one host synchronisation (in
+        strategy.step) brings the window's mean over ranks, this rank's running means and the grad norm together."""
         from ultralytics.utils import TQDM
 
         strategy, nb, first = self.strategy, self.batches_per_epoch, self.train_loader.sampler.start
-        sums, seen, window, tick = torch.zeros(len(self.loss_names)), 0, torch.zeros(len(self.loss_names)), time.time()
-        bar = TQDM(self.train_loader, total=nb, initial=first, disable=not strategy.is_main,
-                   desc=f"{epoch + 1}/{self.cfg.epochs}")
+        sums, window, seen = self._zeros(), self._zeros(), 0
+        loader = datamod.Timed(self.train_loader)
+        tick, mark = time.time(), 0.0
+        bar = TQDM(loader, total=nb, initial=first, disable=not strategy.is_main, desc=f"{epoch + 1}/{self.cfg.epochs}")
         for i, batch in enumerate(bar, start=first):
             ni = i + nb * epoch
             progress(f"epoch {epoch + 1} iteration {i + 1}/{nb}, after step {self.step}")
             accumulate = self.schedule.warmup(self.groups, ni, epoch)
             stepping = ni - self.last_opt >= accumulate
-            items = self._forward_backward(datamod.preprocess(batch, self.device), sync=stepping)
+            items, names = forward_backward(self.strategy, self.criterion, datamod.preprocess(
+                batch, self.device, channels_last=self.channels_last), micro=self.micro, sync=stepping)
+            self.loss_names = names or self.loss_names
             sums, window, seen = sums + items, window + items, seen + 1
-            if strategy.is_main:
-                bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(self.loss_names, (sums / seen).tolist())})
             if not stepping:
                 continue
-            norm, stepped = strategy.step()
+            iterations = ni - self.last_opt
+            report = torch.cat([strategy.all_reduce(window / iterations, mean=True), sums / seen])
+            norm, stepped, values = strategy.step(report)
+            losses, shown = values[:len(window)], values[len(window):]
             if not stepped:
                 self._say(f"step {self.step + 1}: non-finite gradient norm ({norm}); optimizer step skipped")
             self.ema.update()  # as Ultralytics: the EMA follows even a skipped step
             self._snapshot_buffers()
-            self.step, iterations, self.last_opt = self.step + 1, ni - self.last_opt, ni
+            self.step, self.last_opt, window = self.step + 1, ni, self._zeros()
             self.position = (epoch + 1, 0) if i + 1 == nb else (epoch, i + 1)
-            losses = strategy.all_reduce(window / iterations, mean=True).tolist()
-            elapsed, tick, window = time.time() - tick, time.time(), torch.zeros_like(window)
+            elapsed, tick, waited, mark = time.time() - tick, time.time(), loader.waited - mark, loader.waited
+            self.time_in_steps, self.time_waiting = self.time_in_steps + elapsed, self.time_waiting + waited
+            if strategy.is_main:
+                bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(self.loss_names, shown)})
             self.log.step({"step": self.step, "epoch": epoch + 1, "loss": sum(losses), "lr": self.groups[0]["lr"],
                            "grad_norm": norm, "images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9),
-                           **dict(zip(self.loss_names, losses))})
+                           "step_s": elapsed, "data_s": waited, **dict(zip(self.loss_names, losses))})
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
                 self._save(self.log.folder / "checkpoints" / f"step_{self.step}", fitness=None)
                 if strategy.is_main:
@@ -219,26 +252,8 @@ class Trainer:
                 return dict(zip(self.loss_names, (sums / seen).tolist())), True
         return dict(zip(self.loss_names, (sums / max(seen, 1)).tolist())), False
 
-    def _forward_backward(self, batch: dict[str, Any], *, sync: bool) -> torch.Tensor:
-        """Forward and backward over the micro-batches of this process's share; returns the mean loss items.
-
-        The loss is multiplied by the world size because every strategy averages gradients over ranks, while
-        Ultralytics' loss is a per-image sum: the product keeps one gradient scale for any number of processes.
-        """
-        parts = datamod.split_batch(batch, self.micro)
-        total = torch.zeros(len(self.loss_names))
-        for j, part in enumerate(parts):
-            last = sync and j == len(parts) - 1
-            with contextlib.nullcontext() if last else self.strategy.no_sync():
-                with self.strategy.autocast():
-                    preds = self.model(part["img"])
-                loss, items = self.criterion(yolo.to_float(preds), part)
-                self.strategy.backward(loss.sum() * self.strategy.world_size)
-            if isinstance(items, dict):
-                self.loss_names = tuple(items)
-                items = torch.stack([torch.as_tensor(v) for v in items.values()])
-            total += items.detach().float().cpu()
-        return total / len(parts)
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(len(self.loss_names), device=self.device)
 
     # ---- validation, logging, saving ---------------------------------------------------------------------------
     def _validate(self) -> dict[str, Any] | None:

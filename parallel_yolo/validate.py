@@ -88,7 +88,7 @@ def run_val(cfg) -> dict[str, float] | None:
         # the images per pass, so use batch=2*train batch to reproduce what training reported.
         per_rank = max(cfg.batch // env.world_size, 1)
         dataset = build_dataset(hyp, data, cfg.split, batch=per_rank, stride=stride, mode="val", rect=True)
-        loader = val_loader(dataset, batch=per_rank, workers=cfg.workers, distributed=env.launched)
+        loader = val_loader(dataset, batch=per_rank, workers=cfg.workers, distributed=env.launched, device=device)
         folder = dist.broadcast_object(RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None)
         Path(folder).mkdir(parents=True, exist_ok=True)
         model.args = hyp

@@ -73,6 +73,8 @@ def pytest_configure(config):
     os.environ["PARALLEL_YOLO_CACHE"] = str(cache)
     os.environ["YOLO_OFFLINE"] = "1"
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    # every process group the suite starts refuses host tensors in collectives, as NCCL would (comm.StrictDevice)
+    os.environ["PARALLEL_YOLO_STRICT_DEVICE"] = "1"
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
 

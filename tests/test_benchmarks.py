@@ -22,10 +22,14 @@ def test_python_benchmarks_compile(script):
 def test_gpu_check_writes_its_json(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = {**os.environ, "MODEL": "yolov8n.yaml", "IMGSZ": "64", "BATCH": "4", "STEPS": "2", "VARIANTS": "plain",
-           "OUT": str(tmp_path), "PEAK_TFLOPS": "1", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env = {**os.environ, "MODEL": "yolov8n.yaml", "IMGSZ": "64", "BATCH": "4", "IMAGES": "24", "STEPS": "2",
+           "STRATEGIES": "ddp fsdp", "OUT": str(tmp_path), "PEAK_TFLOPS": "1",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
     subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert {row["strategy"] for row in report["runs"]} == {"single", "fsdp", "zero2"}
-    assert all(row["images_per_s"] > 0 and row["mfu"] > 0 for row in report["runs"])
+    trained = report["train_torchrun_1gpu"]
+    assert [row["strategy"] for row in trained] == ["ddp", "fsdp"], trained
+    assert all(row["images_per_s"] > 0 and row["mfu"] > 0 and 0 <= row["data_wait_fraction"] <= 1
+               and row["peak_MiB"] > 0 and row["precision"] == "fp32" for row in trained), trained
+    assert [row["strategy"] for row in report["compare"]] == ["ddp", "fsdp"]
     assert report["ultralytics"]["images_per_s"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from parallel_yolo import data
@@ -88,6 +89,31 @@ def test_batches_do_not_depend_on_the_number_of_workers():
     dataset = _demo_train_set()
     batches = {}
     for workers in (0, 2):
-        loader = data.train_loader(dataset, batch=8, rank=1, world_size=2, workers=workers, seed=3)
+        loader = data.train_loader(dataset, batch=8, rank=1, world_size=2, workers=workers, seed=3,
+                                   device=torch.device("cpu"))
         batches[workers] = [batch["img"] for _, batch in zip(range(3), loader)]
     assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
+
+
+def test_channels_last_images_keep_their_values():
+    batch = {"img": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8), "cls": torch.zeros(1, 1)}
+    plain = data.preprocess(batch, torch.device("cpu"))
+    nhwc = data.preprocess(batch, torch.device("cpu"), channels_last=True)
+    assert nhwc["img"].is_contiguous(memory_format=torch.channels_last) and not plain["img"].is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(plain["img"], nhwc["img"])
+
+
+@pytest.mark.slow
+def test_persistent_workers_see_close_mosaic(tmp_path):
+    """Workers live for the run; when close_mosaic changes the pipeline they are started anew, so a run with workers
+    logs exactly the losses of a run that loads in the main process (augmentations are seeded per sample)."""
+    from conftest import TINY, check, read_csv, run_cli
+
+    logged = {}
+    for workers in (0, 1):
+        check(run_cli("train", *TINY, f"workers={workers}", "epochs=2", "close_mosaic=1", "batch=8", "nbs=8",
+                      "fraction=0.1", "val=false", f"project={tmp_path}", f"name=w{workers}", cwd=tmp_path))
+        logged[workers] = [(r["epoch"], r["loss"]) for r in read_csv(tmp_path / f"w{workers}" / "steps.csv")]
+    assert {epoch for epoch, _ in logged[0]} == {"1", "2"}
+    assert logged[0] == logged[1]

@@ -54,3 +54,18 @@ def test_a_rank_prints_its_error_unless_our_launcher_reports_the_group(launcher_
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", str(restarts[1]))
     _report("disk full", exitcode=2, every_rank=True)
     assert capsys.readouterr().err == ("parallel-yolo: error: disk full\n" if prints else "")
+
+
+def test_loader_workers_follow_the_cores_per_local_process_not_omp_threads(monkeypatch):
+    """As Ultralytics' build_dataloader: torchrun's OMP_NUM_THREADS=1 is for compute threads, not data workers."""
+    import os
+
+    from parallel_yolo.dist import DistEnv, cpu_threads_per_process, loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert cpu_threads_per_process(DistEnv(local_world_size=8)) == 1
+    assert loader_workers(8, DistEnv(local_world_size=8)) == 2
+    assert loader_workers(8, DistEnv(local_world_size=1)) == 8
+    assert loader_workers(0, DistEnv(local_world_size=1)) == 0
+    assert loader_workers(8, DistEnv(local_world_size=32)) == 1

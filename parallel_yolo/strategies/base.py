@@ -22,7 +22,7 @@ from ..dist import DistEnv, broadcast_object, gather_object
 from ..ema import ShardedEMA
 from ..precision import PrecisionPolicy
 
-__all__ = ["Strategy", "ReplicatedEMA", "ParamShard", "OptimizerSpan", "MAX_GRAD_NORM"]
+__all__ = ["Strategy", "ReplicatedEMA", "ParamShard", "OptimizerSpan", "MAX_GRAD_NORM", "host_values"]
 
 MAX_GRAD_NORM = 10.0  # Ultralytics' optimizer_step clips at 10.0
 
@@ -101,8 +101,10 @@ class Strategy:
             dist.barrier()
 
     def all_reduce(self, tensor: torch.Tensor, *, mean: bool = False) -> torch.Tensor:
-        """Sum (or average) a tensor over ranks, in place; returns it for chaining."""
-        if self.distributed and self.world_size > 1:
+        """Sum (or average) a tensor over ranks, in place; returns it for chaining. `tensor` must live on
+        `self.device` (NCCL serves CUDA tensors only). With a process group the collective runs even for one
+        rank, so that one GPU under torchrun makes the calls eight do."""
+        if self.distributed:
             dist.all_reduce(tensor)
             if mean:
                 tensor /= self.world_size
@@ -155,22 +157,26 @@ class Strategy:
         """Context for a backward that only accumulates (no gradient communication)."""
         return contextlib.nullcontext()
 
-    def step(self) -> tuple[float, bool]:
-        """Unscale, clip to the global norm, step unless non-finite, zero grads. Returns (grad norm, stepped)."""
+    def step(self, report: torch.Tensor | None = None) -> tuple[float, bool, list[float]]:
+        """Unscale, clip to the global norm, step unless non-finite, zero grads. Returns (grad norm, stepped, the
+        values of `report`): the norm and `report` reach the host in one copy, the step's only synchronisation."""
         self.scaler.unscale_(self.optimizer)
-        norm = self.clip_grad_norm(MAX_GRAD_NORM)
+        norm, values = host_values(self.clip_grad_norm(MAX_GRAD_NORM), report)
         finite = math.isfinite(norm)
         if finite:
-            self.scaler.step(self.optimizer)
+            # not scaler.step: it would read the scaler's inf flag on the host again, a second synchronisation;
+            # after unscale_ that flag is set exactly when the norm is not finite
+            self.optimizer.step()
         else:
             self.skipped_steps += 1
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm, finite
+        return norm, finite, values
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Clip by the norm over ALL gradients of the model (every shard on every rank)."""
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip by the norm over ALL gradients of the model (every shard on every rank); the norm stays on the
+        device."""
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's param groups, where the trainer sets lr and momentum."""
@@ -188,7 +194,7 @@ class Strategy:
 
     def average_over_ranks(self, tensors: Iterable[torch.Tensor]) -> None:
         """In-place mean over ranks of the floating-point tensors given (replicated tensors only)."""
-        if not (self.distributed and self.world_size > 1):
+        if not self.distributed:
             return
         for tensor in tensors:
             if tensor.dtype.is_floating_point:
@@ -255,6 +261,17 @@ class Strategy:
         if "params" in self.sharded:
             return self.assemble({**self.local_state(), **buffers})
         return {k: buffers.get(k, v).detach().to("cpu", copy=True) for k, v in self.raw_model.state_dict().items()}
+
+
+def host_values(norm: torch.Tensor | float | None, report: torch.Tensor | None) -> tuple[float, list[float]]:
+    """(the norm, `report`'s values) as Python floats, in one device-to-host copy; a missing norm is NaN."""
+    if not isinstance(norm, torch.Tensor):
+        return (math.nan if norm is None else float(norm)), ([] if report is None else report.tolist())
+    parts = [norm.detach().reshape(1).float()]
+    if report is not None:
+        parts.append(report.detach().reshape(-1).float().to(norm.device))
+    norm, *values = torch.cat(parts).tolist()
+    return norm, values
 
 
 class ReplicatedEMA:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import memory
-from .base import MAX_GRAD_NORM, OptimizerSpan, ParamShard, Strategy
+from .base import MAX_GRAD_NORM, OptimizerSpan, ParamShard, Strategy, host_values
 from .gloo import all_gather_by_broadcasts, reduce_scatter_by_sends
 from .registry import register
 
@@ -160,14 +160,13 @@ class ZeroStrategy(Strategy):
         opt = self.optimizer
         return opt.parallel_partitioned_bit16_groups[group][dist.get_rank(group=opt.real_dp_process_group[group])]
 
-    def step(self) -> tuple[float, bool]:
+    def step(self, report: torch.Tensor | None = None) -> tuple[float, bool, list[float]]:
         self.model.set_gradient_accumulation_boundary(True)
         self.model.step()  # clips to the global norm over all partitions, steps, zeroes gradients
-        norm = self.model.get_global_grad_norm()
-        norm = float(norm) if norm is not None else math.nan
+        norm, values = host_values(self.model.get_global_grad_norm(), report)
         finite = math.isfinite(norm)
         self.skipped_steps += not finite
-        return norm, finite
+        return norm, finite, values
 
 
 def _gloo_collectives(deepspeed, optimizer) -> _ReduceBySends | None:
@@ -279,8 +278,8 @@ class Zero3Strategy(ZeroStrategy):
         _unshare_stateless_children(model)
         return super().wrap(model, make_optimizer=make_optimizer)
 
-    def step(self) -> tuple[float, bool]:
-        result = super().step()
+    def step(self, report: torch.Tensor | None = None) -> tuple[float, bool, list[float]]:
+        result = super().step(report)
         # DeepSpeed keeps all gradient partitions in one buffer for the whole run (130 MiB per rank for yolov8x at
         # 2 ranks); the step has used them and the next backward writes each before anything reads it. On CPU its
         # pages go back to the OS until then, so at the next peak (the start of backward) they are not resident,

@@ -59,7 +59,14 @@ class FSDPStrategy(Strategy):
             _gloo_collectives(model)
         self._raw = self.model = model
         self.optimizer = make_optimizer(model)
+        self._shards = _LocalShards(self.optimizer)
         return self.model, self.optimizer
+
+    def step(self, report: torch.Tensor | None = None) -> tuple[float, bool, list[float]]:
+        self._shards.bind_grads()
+        result = super().step(report)
+        self.model.zero_grad(set_to_none=True)  # the DTensor gradients (the optimizer cleared its local views)
+        return result
 
     def no_sync(self):
         @contextlib.contextmanager
@@ -72,9 +79,9 @@ class FSDPStrategy(Strategy):
 
         return accumulate_only()
 
-    def clip_grad_norm(self, max_norm: float) -> float:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        return float(norm.full_tensor() if _is_dtensor(norm) else norm)
+        return norm.full_tensor() if _is_dtensor(norm) else norm
 
     # ---- shards ------------------------------------------------------------------------------------------------
     def local_state(self) -> dict[str, torch.Tensor]:
@@ -107,11 +114,58 @@ class FSDPStrategy(Strategy):
             lo = offset[0] * math.prod(p.shape[1:]) if p.dim() else 0
             share = _replica_share(p)
             shards.append(ParamShard(name, tuple(p.shape), lo, lo + local.numel(), local.view(-1), share,
-                                     OptimizerSpan(lo, lo + local.numel(), p, 0, share)))
+                                     OptimizerSpan(lo, lo + local.numel(), self._shards.key(p), 0, share)))
         return shards
 
     def _local_params(self) -> list[torch.Tensor]:
         return [p.to_local() for p in self.model.parameters()]
+
+
+class _LocalShards:
+    """Hands a torch optimizer the local shards of FSDP's DTensor parameters, as plain tensors, so that it runs its
+    fused kernels (yolo.fused) or its foreach ones: DTensor has no rule for the fused ops, so on DTensors SGD, Adam and
+    AdamW fall back to a loop over the tensors. Each element's update is the same (an optimizer's step is
+    elementwise per tensor); the gradients are bound to their local views before each step. DistributedMuSGD keeps
+    the DTensors: it steps local shards itself and needs to know which matrix each one is."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        from ..optim import DistributedMuSGD
+        from ..yolo import fused
+
+        self.optimizer = optimizer
+        self.views: dict[int, torch.Tensor] = {}  # id of a DTensor parameter -> the local view the optimizer steps
+        self.params: list = []
+        if isinstance(optimizer, DistributedMuSGD):
+            return
+        for group in optimizer.param_groups:
+            group["params"] = [self._view(p) for p in group["params"]]
+        fused(optimizer)
+
+    def _view(self, param) -> torch.Tensor:
+        self.params.append(param)
+        self.views[id(param)] = param.to_local().detach()
+        return self.views[id(param)]
+
+    def key(self, param) -> torch.Tensor:
+        """The tensor the optimizer's state is kept under for `param`."""
+        return self.views.get(id(param), param)
+
+    def bind_grads(self) -> None:
+        """Point each local view's .grad at its parameter's local gradient; re-key a view whose storage FSDP replaced
+        (its lazy initialisation re-pads an empty shard)."""
+        for param in self.params:
+            view = self.views[id(param)]
+            if param.to_local().data_ptr() != view.data_ptr():
+                view = self._rekey(param, view)
+            view.grad = None if param.grad is None else param.grad.to_local().detach()
+
+    def _rekey(self, param, old: torch.Tensor) -> torch.Tensor:
+        new = self.views[id(param)] = param.to_local().detach()
+        for group in self.optimizer.param_groups:
+            group["params"] = [new if t is old else t for t in group["params"]]
+        if old in self.optimizer.state:
+            self.optimizer.state[new] = self.optimizer.state.pop(old)
+        return new
 
 
 def _is_dtensor(tensor) -> bool:

@@ -10,7 +10,7 @@ import yaml
 from ..config import ConfigError, TrainConfig
 from ..dist import DistEnv
 
-__all__ = ["REGISTRY", "register", "preset", "select", "from_launcher"]
+__all__ = ["REGISTRY", "register", "preset", "select", "from_launcher", "default_precision"]
 
 REGISTRY: dict[str, type] = {}
 
@@ -22,10 +22,20 @@ def register(cls: type) -> type:
     return cls
 
 
-def preset(name: str) -> dict[str, Any]:
-    """The knobs a user edits for one strategy, from strategies/NAME.yaml."""
+def preset(name: str, *, cuda: bool = False) -> dict[str, Any]:
+    """The knobs a user edits for one strategy, from strategies/NAME.yaml; on GPUs its `cuda:` section overrides
+    them (values tuned on CPU processes that differ on GPUs, where NCCL works in CUDA streams beside the compute)."""
     file = resources.files("parallel_yolo.presets") / f"{name}.yaml"
-    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    values = (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    gpu = values.pop("cuda", None) or {}
+    return _merge(values, gpu) if cuda else values
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tuple[str, str]:
@@ -38,9 +48,9 @@ def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tu
         raise ConfigError(f"precision={cfg.precision} conflicts with the accelerate config's mixed_precision "
                           f"({launched_precision}); drop precision= or change mixed_precision in the config")
     name = cfg.strategy or launched_strategy or ("ddp" if world_size > 1 else "single")
-    precision = cfg.precision or launched_precision or "fp32"
     if name not in REGISTRY:
         raise ConfigError(f"strategy={name} is not available in this version; use one of {', '.join(REGISTRY)}")
+    precision = cfg.precision or launched_precision or default_precision(REGISTRY[name], cuda=cuda)
     if precision == "fp16-mixed" and not REGISTRY[name].supports_loss_scaling:
         raise ConfigError(f"precision=fp16-mixed is not available with strategy={name} (its fp16 mode would cast "
                           "BatchNorm to fp16); use precision=bf16-mixed, or strategy=ddp or fsdp for fp16")
@@ -50,6 +60,18 @@ def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tu
         raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm refuses CPU tensors); drop sync_bn "
                           "on CPU")
     return name, precision
+
+
+def default_precision(strategy: type, *, cuda: bool) -> str:
+    """bf16-mixed on GPUs with bf16 (Ampere and newer); fp16-mixed on older GPUs where the strategy can scale the
+    loss; fp32 on CPU, where low-precision convolutions are slower, and elsewhere."""
+    import torch
+
+    if not cuda:
+        return "fp32"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16-mixed"
+    return "fp16-mixed" if strategy.supports_loss_scaling else "fp32"
 
 
 def from_launcher(env: DistEnv) -> tuple[str | None, str | None]:

@@ -49,3 +49,40 @@ def test_every_strategy_has_a_preset_file():
     assert set(REGISTRY) == expected
     assert preset("zero3")["zero_optimization"]["stage3_param_persistence_threshold"] > 0
     assert preset("fsdp_grad_op")["reshard_after_forward"] is False
+
+
+@pytest.mark.parametrize("bf16,strategy,expected", [
+    (True, "ddp", "bf16-mixed"), (True, "zero3", "bf16-mixed"),
+    (False, "ddp", "fp16-mixed"), (False, "fsdp", "fp16-mixed"), (False, "zero2", "fp32"),
+])
+def test_gpus_default_to_mixed_precision(monkeypatch, bf16, strategy, expected):
+    """bf16-mixed where the GPU has bf16, else fp16-mixed where the strategy scales the loss; a key or the accelerate
+    config still decides; CPU stays fp32."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    env = read_env(LAUNCHED)
+    assert select(TrainConfig(strategy=strategy), env, world_size=2, cuda=True) == (strategy, expected)
+    assert select(TrainConfig(strategy=strategy, precision="fp32"), env, world_size=2, cuda=True)[1] == "fp32"
+    assert select(TrainConfig(strategy=strategy), env, world_size=2, cuda=False)[1] == "fp32"
+    launched = read_env({**LAUNCHED, "ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert select(TrainConfig(strategy=strategy), launched, world_size=2, cuda=True)[1] == "bf16-mixed"
+
+
+def test_gpu_accelerate_configs_ask_for_bf16_and_cpu_ones_for_fp32():
+    import yaml
+
+    from conftest import ROOT
+
+    for config in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):
+        wanted = "no" if config.name.startswith("cpu_") else "bf16"
+        assert yaml.safe_load(config.read_text())["mixed_precision"] == wanted, config.name
+
+
+def test_gpu_sections_of_the_presets_override_only_on_cuda():
+    assert preset("zero3")["zero_optimization"]["overlap_comm"] is False
+    gpu = preset("zero3", cuda=True)["zero_optimization"]
+    assert gpu["overlap_comm"] is True and gpu["reduce_bucket_size"] == preset("zero3")["zero_optimization"][
+        "reduce_bucket_size"]
+    assert "cuda" not in preset("zero3") and "cuda" not in preset("zero3", cuda=True)
+    assert preset("ddp", cuda=True) == preset("ddp")

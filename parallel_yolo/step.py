@@ -1,0 +1,35 @@
+"""One iteration's forward and backward through the strategy: what `train` runs and `compare` times."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from . import data as datamod, yolo
+
+__all__ = ["forward_backward"]
+
+
+def forward_backward(strategy, criterion, batch: dict[str, Any], *, micro: int, sync: bool
+                     ) -> tuple[torch.Tensor, tuple[str, ...] | None]:
+    """Forward and backward over the micro-batches of this process's share of an iteration; returns the mean loss
+    items (on the device) and their names when the loss names them (None: box, cls, dfl). `compare` times this.
+
+    The loss is multiplied by the world size because every strategy averages gradients over ranks, while
+    Ultralytics' loss is a per-image sum: the product keeps one gradient scale for any number of processes.
+    """
+    parts, total, names = datamod.split_batch(batch, micro), 0, None
+    for j, part in enumerate(parts):
+        last = sync and j == len(parts) - 1
+        with contextlib.nullcontext() if last else strategy.no_sync():
+            with strategy.autocast():
+                preds = strategy.model(part["img"])
+            loss, items = criterion(yolo.to_float(preds), part)
+            strategy.backward(loss.sum() * strategy.world_size)
+        if isinstance(items, dict):
+            names = tuple(items)
+            items = torch.stack([torch.as_tensor(v, device=strategy.device) for v in items.values()])
+        total = total + items.detach().float()
+    return total / len(parts), names
