@@ -23,7 +23,8 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = ["DistEnv", "read_env", "process_group", "init_process_group", "destroy", "launch_local",
-           "cpu_threads_per_process", "loader_workers", "available_cores", "gather_object", "broadcast_object", "check_nproc"]
+           "cpu_threads_per_process", "loader_workers", "available_cores", "gather_object", "broadcast_object",
+           "check_nproc"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,6 +103,14 @@ def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float =
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_store(env),
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    global _objects
+    _objects = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+_objects = None
+"""The group object collectives use: gloo over the same ranks, also beside NCCL, so that a pickled object
+(metrics, a run folder, checkpoint reports) travels in host memory instead of being copied to a GPU and back with a
+synchronisation. Made on CPU too, so that CPU runs make the calls GPU runs make."""
 
 
 def _store(env: DistEnv):
@@ -169,7 +178,7 @@ def gather_object(obj):
     if not dist.is_initialized():
         return [obj]
     out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_objects)
     return out
 
 
@@ -178,7 +187,7 @@ def broadcast_object(obj):
     if not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_objects)
     return box[0]
 
 
@@ -191,9 +200,11 @@ def check_nproc(nproc: int | None, env: DistEnv) -> None:
 def destroy() -> None:
     import gc
 
+    global _objects
     if dist.is_initialized():
         gc.collect()  # drop wrapped models and pending work that reference the group before it goes
         dist.destroy_process_group()
+    _objects = None
 
 
 def launch_local(nproc: int, argv: list[str], *, max_restarts: int = 0) -> int:

@@ -30,10 +30,9 @@ class PeerLost(RuntimeError):
 
 def progress(label: str) -> None:
     """Say what this rank does now ("step 12", "validation", "saving ..."); a no-op without a heartbeat."""
-    if _current is not None:
+    if _current is not None:  # published by the heartbeat's thread within interval_s: no store write per iteration
         _current.progress += 1
         _current.label = label
-        _current.publish()
 
 
 class Heartbeat:

@@ -69,3 +69,35 @@ def test_loader_workers_follow_the_cores_per_local_process_not_omp_threads(monke
     assert loader_workers(8, DistEnv(local_world_size=1)) == 8
     assert loader_workers(0, DistEnv(local_world_size=1)) == 0
     assert loader_workers(8, DistEnv(local_world_size=32)) == 1
+
+
+def _objects_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    from conftest import rank_environment
+    from parallel_yolo import dist as pdist
+
+    rank_environment(rank, world, port)
+    env = pdist.read_env()
+    with pdist.process_group(env, torch.device("cpu")):
+        side = pdist._objects
+        queue.put((rank, side is not None and side != tdist.group.WORLD, tdist.get_backend(side),
+                   pdist.gather_object(rank * 10), pdist.broadcast_object(f"from {rank}")))
+    queue.put((rank, pdist._objects))
+
+
+def test_objects_travel_through_a_gloo_group_of_their_own():
+    """Beside NCCL, pickled objects move in host memory (a gloo group over the same ranks); made on CPU too, so CPU
+    runs make the same calls."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    queue = multiprocessing.get_context("spawn").SimpleQueue()
+    mp.spawn(_objects_worker, args=(2, free_port(), queue), nprocs=2, join=True)
+    results = sorted((queue.get() for _ in range(4)), key=lambda r: (r[0], len(r)))
+    for rank in (0, 1):
+        after, during = results[2 * rank], results[2 * rank + 1]
+        assert during[1:] == (True, "gloo", [0, 10], "from 0") and after[1] is None
