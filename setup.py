@@ -10,10 +10,13 @@ setup(
     # data, so `strategy=zero3` resolves after a plain `pip install` too.
     package_dir={"parallel_yolo.presets": "strategies"},
     package_data={"parallel_yolo.presets": ["*.yaml"]},
+    # The ranges the suite was run against (torch 2.14.1, deepspeed 0.19.8, accelerate 1.15.0, ultralytics 8.4.190;
+    # torch 2.11 is the GPU image's). The project touches private parts of torch, DeepSpeed and Ultralytics, which a
+    # release may move: widen a range only after the suite passed on the new version (README, Tests).
     install_requires=[
-        "torch>=2.6",
-        "deepspeed>=0.16",
-        "accelerate>=1.0",
+        "torch>=2.11,<2.15",
+        "deepspeed>=0.19.8,<0.20",
+        "accelerate>=1.15,<2",
         "ultralytics>=8.4.190,<8.5",
         "safetensors>=0.4",
         "pyyaml>=6.0",

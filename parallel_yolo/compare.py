@@ -142,7 +142,7 @@ def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.de
 def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
     """One optimizer step through the trainer's own code; with `account`, the state bytes held just before the
     optimizer step."""
-    items, _ = forward_backward(strategy, criterion, batch, micro=batch["img"].shape[0], sync=True)
+    items, _ = forward_backward(strategy, criterion, [batch], sync=True)
     held = strategy.memory_report(ema) if account else None
     strategy.step(items)
     ema.update()

@@ -20,7 +20,7 @@ from .heartbeat import progress
 from .precision import policy
 from .recipe import Schedule
 from .runlog import RunLog
-from .step import forward_backward
+from .step import forward_backward, micro_batches
 from .strategies import create, preset, select
 from .validate import Evaluator
 
@@ -32,7 +32,8 @@ def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
     stops all ranks with the same one-line error instead of leaving some waiting in a collective."""
     env = dist.read_env()
     device = dist.pick_device(env, cfg.device)
-    choice = select(cfg, env, world_size=world_size, cuda=device.type == "cuda")
+    choice = select(strategy=cfg.strategy, precision=cfg.precision, sync_bn=cfg.sync_bn, env=env,
+                    world_size=world_size, cuda=device.type == "cuda")
     cfg.per_rank_batch(world_size)
     datamod.resolve_dataset(cfg.data)
     yolo.check_model_spec(cfg.model)
@@ -221,8 +222,8 @@ class Trainer:
             progress(f"epoch {epoch + 1} iteration {i + 1}/{nb}, after step {self.step}")
             accumulate = self.schedule.warmup(self.groups, ni, epoch)
             stepping = ni - self.last_opt >= accumulate
-            items, names = forward_backward(self.strategy, self.criterion, datamod.preprocess(
-                batch, self.device, channels_last=self.channels_last), micro=self.micro, sync=stepping)
+            parts = micro_batches(batch, micro=self.micro, device=self.device, channels_last=self.channels_last)
+            items, names = forward_backward(self.strategy, self.criterion, parts, sync=stepping)
             self.loss_names = names or self.loss_names
             sums, window, seen = sums + items, window + items, seen + 1
             if not stepping:

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, TrainConfig
+from ..config import STRATEGY_NAMES, ConfigError
 from ..dist import DistEnv
 
 __all__ = ["REGISTRY", "register", "preset", "select", "from_launcher", "default_precision"]
@@ -18,6 +18,10 @@ _ACCELERATE_PRECISION = {"bf16": "bf16-mixed", "fp16": "fp16-mixed"}
 
 
 def register(cls: type) -> type:
+    """Add a strategy class under its name, which config.STRATEGY_NAMES (the one list, checked before any strategy
+    module is imported) must hold."""
+    if cls.name not in STRATEGY_NAMES:
+        raise RuntimeError(f"strategy {cls.name!r} is not in config.STRATEGY_NAMES; add it there")
     REGISTRY[cls.name] = cls
     return cls
 
@@ -38,28 +42,29 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def select(cfg: TrainConfig, env: DistEnv, *, world_size: int, cuda: bool) -> tuple[str, str]:
+def select(*, strategy: str | None, precision: str | None, sync_bn: bool, env: DistEnv, world_size: int,
+           cuda: bool) -> tuple[str, str]:
     """(strategy, precision) from the keys, else from accelerate's exported config, else from the world size."""
     launched_strategy, launched_precision = _from_accelerate(env.accelerate or {})
-    if cfg.strategy and launched_strategy and cfg.strategy != launched_strategy:
-        raise ConfigError(f"strategy={cfg.strategy} conflicts with the accelerate config, which asks for "
-                          f"{launched_strategy}; drop strategy= or launch with a {cfg.strategy} config")
-    if cfg.precision and launched_precision and cfg.precision != launched_precision:
-        raise ConfigError(f"precision={cfg.precision} conflicts with the accelerate config's mixed_precision "
+    if strategy and launched_strategy and strategy != launched_strategy:
+        raise ConfigError(f"strategy={strategy} conflicts with the accelerate config, which asks for "
+                          f"{launched_strategy}; drop strategy= or launch with a {strategy} config")
+    if precision and launched_precision and precision != launched_precision:
+        raise ConfigError(f"precision={precision} conflicts with the accelerate config's mixed_precision "
                           f"({launched_precision}); drop precision= or change mixed_precision in the config")
-    name = cfg.strategy or launched_strategy or ("ddp" if world_size > 1 else "single")
+    name = strategy or launched_strategy or ("ddp" if world_size > 1 else "single")
     if name not in REGISTRY:
         raise ConfigError(f"strategy={name} is not available in this version; use one of {', '.join(REGISTRY)}")
-    precision = cfg.precision or launched_precision or default_precision(REGISTRY[name], cuda=cuda)
-    if precision == "fp16-mixed" and not REGISTRY[name].supports_loss_scaling:
+    chosen = precision or launched_precision or default_precision(REGISTRY[name], cuda=cuda)
+    if chosen == "fp16-mixed" and not REGISTRY[name].supports_loss_scaling:
         raise ConfigError(f"precision=fp16-mixed is not available with strategy={name} (its fp16 mode would cast "
                           "BatchNorm to fp16); use precision=bf16-mixed, or strategy=ddp or fsdp for fp16")
     if name == "single" and world_size > 1:
         raise ConfigError(f"strategy=single cannot run on {world_size} processes; use strategy=ddp or one process")
-    if cfg.sync_bn and world_size > 1 and not cuda:
+    if sync_bn and world_size > 1 and not cuda:
         raise ConfigError("sync_bn=true needs CUDA (torch's SyncBatchNorm refuses CPU tensors); drop sync_bn "
                           "on CPU")
-    return name, precision
+    return name, chosen
 
 
 def default_precision(strategy: type, *, cuda: bool) -> str:

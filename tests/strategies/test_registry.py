@@ -12,7 +12,12 @@ LAUNCHED = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
 
 
 def _select(env: dict, **keys):
-    return select(TrainConfig(**keys), read_env({**LAUNCHED, **env}), world_size=2, cuda=False)
+    return _choose(TrainConfig(**keys), read_env({**LAUNCHED, **env}), cuda=False)
+
+
+def _choose(cfg: TrainConfig, env, *, cuda: bool):
+    return select(strategy=cfg.strategy, precision=cfg.precision, sync_bn=cfg.sync_bn, env=env, world_size=2,
+                  cuda=cuda)
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -45,8 +50,16 @@ def test_fp16_refused_where_loss_scaling_is_impossible():
 
 
 def test_every_strategy_has_a_preset_file():
-    expected = {"single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp"}
-    assert set(REGISTRY) == expected
+    from importlib import resources
+
+    from parallel_yolo.config import STRATEGY_NAMES
+    from parallel_yolo.strategies.registry import register
+
+    assert set(REGISTRY) == set(STRATEGY_NAMES)  # the one list of names the config validates against
+    assert {p.name for p in resources.files("parallel_yolo.presets").iterdir() if p.name.endswith(".yaml")} == {
+        f"{name}.yaml" for name in STRATEGY_NAMES}
+    with pytest.raises(RuntimeError, match="not in config.STRATEGY_NAMES"):
+        register(type("Unlisted", (), {"name": "zero4"}))
     assert preset("zero3")["zero_optimization"]["stage3_param_persistence_threshold"] > 0
     assert preset("fsdp_grad_op")["reshard_after_forward"] is False
 
@@ -62,11 +75,11 @@ def test_gpus_default_to_mixed_precision(monkeypatch, bf16, strategy, expected):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     env = read_env(LAUNCHED)
-    assert select(TrainConfig(strategy=strategy), env, world_size=2, cuda=True) == (strategy, expected)
-    assert select(TrainConfig(strategy=strategy, precision="fp32"), env, world_size=2, cuda=True)[1] == "fp32"
-    assert select(TrainConfig(strategy=strategy), env, world_size=2, cuda=False)[1] == "fp32"
+    assert _choose(TrainConfig(strategy=strategy), env, cuda=True) == (strategy, expected)
+    assert _choose(TrainConfig(strategy=strategy, precision="fp32"), env, cuda=True)[1] == "fp32"
+    assert _choose(TrainConfig(strategy=strategy), env, cuda=False)[1] == "fp32"
     launched = read_env({**LAUNCHED, "ACCELERATE_MIXED_PRECISION": "bf16"})
-    assert select(TrainConfig(strategy=strategy), launched, world_size=2, cuda=True)[1] == "bf16-mixed"
+    assert _choose(TrainConfig(strategy=strategy), launched, cuda=True)[1] == "bf16-mixed"
 
 
 def test_gpu_accelerate_configs_ask_for_bf16_and_cpu_ones_for_fp32():
