@@ -165,13 +165,12 @@ class Trainer:
         for epoch in range(first_epoch, cfg.epochs):
             self.schedule.start_epoch(self.groups, epoch)
             self.model.train()
-            self.train_loader.sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
             close_at = max(cfg.epochs - cfg.close_mosaic, 0)
             if cfg.close_mosaic and (epoch == close_at or epoch == first_epoch > close_at):
                 self.train_loader.dataset.close_mosaic(hyp=copy(self.hyp))
                 # persistent workers hold a copy of the dataset made when they started: new workers see the change
                 self.train_loader = self._train_loader(self.train_loader.dataset.dataset)
-                self.train_loader.sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
+            self.train_loader.sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
             epoch_loss, stop = self._train_epoch(epoch)
             if hasattr(self.criterion, "update"):
                 self.criterion.update()
