@@ -57,15 +57,14 @@ def _optimizer_worker(rank: int, world: int, port: int, name: str, model_yaml: s
     import os
     import statistics
     import time
-    from types import SimpleNamespace
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
-    from ultralytics.engine.trainer import BaseTrainer
     from ultralytics.optim import muon
 
     from parallel_yolo import dist, yolo
+    from parallel_yolo._ultralytics_internals import build_optimizer
     from parallel_yolo.config import TrainConfig
     from parallel_yolo.precision import policy
     from parallel_yolo.strategies import create, preset
@@ -88,8 +87,8 @@ def _optimizer_worker(rank: int, world: int, port: int, name: str, model_yaml: s
     env = dist.read_env()
     with dist.process_group(env, torch.device("cpu")):
         if name == "ultralytics":
-            optimizer = BaseTrainer.build_optimizer(SimpleNamespace(args=hyp, data={"nc": 80}), model=model,
-                                                    name="MuSGD", lr=0.01, momentum=0.9, decay=5e-4, iterations=1)
+            optimizer = build_optimizer(model, hyp=hyp, nc=80, name="MuSGD", lr=0.01, momentum=0.9, decay=5e-4,
+                                        iterations=1)
         else:
             strategy = create(name, env=env, device=torch.device("cpu"), precision=policy("fp32"), options=preset(name))
             strategy.setup(model, make_optimizer=yolo.optimizer_factory(cfg, hyp, nc=80, dataset_size=8,

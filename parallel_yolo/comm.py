@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from ._torch_internals import collective_homes
+
 __all__ = ["CommCounter", "StrictDevice", "HostTensorError", "ring_bytes", "STRICT_DEVICE"]
 
 STRICT_DEVICE = "PARALLEL_YOLO_STRICT_DEVICE"
@@ -65,15 +67,14 @@ class _Wrapped:
         self._inside = False
 
     def __enter__(self):
-        from torch.distributed import distributed_c10d
-
+        homes = collective_homes()
         names = [(name, argument) for name, (argument, _) in self._COLLECTIVES.items()]
         for name, argument in names + [(name, None) for name in self._PASS_THROUGH]:
-            original = getattr(distributed_c10d, name, None)
+            original = getattr(homes[-1], name, None)
             if original is None:  # a name this torch does not have (all_gather_single before 2.13)
                 continue
             wrapped = self._wrap(name, original, argument)
-            for module in (dist, distributed_c10d):  # callers use either name
+            for module in homes:  # callers use either name
                 if getattr(module, name, None) is original:
                     self._saved.append((module, name, original))
                     setattr(module, name, wrapped)

@@ -124,7 +124,7 @@ def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.de
                             strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
     hyp = yolo.hyp_namespace(train_cfg)
     strategy = create(name, env=env, device=device, precision=policy(cfg.precision),
-                      options=preset(name, cuda=device.type == "cuda"))
+                      options={**preset(name, cuda=device.type == "cuda"), "gloo_collectives": cfg.gloo_collectives})
     model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
     criterion = yolo.build_criterion(model)
     if cfg.compile:
@@ -206,7 +206,8 @@ def _publish(cfg: CompareConfig, folder: Path, rows: list[dict[str, Any]]) -> di
         s["sent_vs_ddp"] = s["sent_MiB_per_step"] / ddp["sent_MiB_per_step"] if ddp["sent_MiB_per_step"] else None
     folder.mkdir(parents=True, exist_ok=True)
     result = {"config": {k: getattr(cfg, k) for k in ("model", "strategies", "nproc", "imgsz", "batch", "precision",
-                                                       "steps", "optimizer", "budget", "channels_last", "compile")},
+                                                       "steps", "optimizer", "budget", "channels_last", "compile",
+                                                       "gloo_collectives")},
               "device": _device_name(), "method": __doc__.split("\n\n", 1)[1].split("\n\nSelf-launched")[0],
               "summary": summary, "ranks": rows}
     (folder / "compare.json").write_text(json.dumps(result, indent=2))

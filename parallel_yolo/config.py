@@ -104,6 +104,10 @@ class TrainConfig:
     """Also save a checkpoint every N optimizer steps (0: only at epoch ends)."""
     keep_last: int = 3
     sync_bn: bool = False
+    gloo_collectives: bool | None = None
+    """CPU runs (gloo): DeepSpeed's and FSDP's all-gathers, reduce-scatters and reduces as broadcasts and sends,
+    which gloo runs faster (strategies/gloo.py); false: the libraries' own. No effect on GPUs (NCCL). None: on,
+    unless the environment sets PARALLEL_YOLO_GLOO_COLLECTIVES=0."""
     max_restarts: int = 0
     """With nproc=N: restart all N processes up to this many times after one fails; the restarted group resumes
     from the newest checkpoint this launch wrote. Under torchrun or accelerate launch use their --max-restarts."""
@@ -229,6 +233,10 @@ class CompareConfig:
     """Memory per GPU (per process on CPU) for the largest-batch estimate: 80GiB, 24GB, 512MiB ..."""
     channels_last: bool = False
     """Images, and so the activations, in channels-last memory format, as `train` does (see TrainConfig)."""
+    gloo_collectives: bool | None = None
+    """CPU runs (gloo): DeepSpeed's and FSDP's all-gathers, reduce-scatters and reduces as broadcasts and sends,
+    which gloo runs faster (strategies/gloo.py); false: the libraries' own. No effect on GPUs (NCCL). None: on,
+    unless the environment sets PARALLEL_YOLO_GLOO_COLLECTIVES=0."""
     compile: bool = False
     """torch.compile the model before the strategy wraps it (the first step, which compiles, is not timed)."""
     device: str | None = None

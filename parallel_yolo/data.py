@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ._ultralytics_internals import mosaic_from_whole_dataset
 from .config import ConfigError, Unanimous
 
 __all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
@@ -227,7 +228,7 @@ class SeededSamples(Dataset):
 
     def __init__(self, dataset):
         self.dataset = dataset
-        _draw_mosaic_partners_from_whole_dataset(dataset.transforms)
+        mosaic_from_whole_dataset(dataset.transforms)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -243,20 +244,12 @@ class SeededSamples(Dataset):
 
     def close_mosaic(self, hyp) -> None:
         self.dataset.close_mosaic(hyp=hyp)
-        _draw_mosaic_partners_from_whole_dataset(self.dataset.transforms)
+        mosaic_from_whole_dataset(self.dataset.transforms)
 
     def __getattr__(self, name: str):
         if name == "dataset":  # not set yet (unpickling in a worker): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)  # labels, collate_fn, ...: the YOLODataset's own
-
-
-def _draw_mosaic_partners_from_whole_dataset(transform) -> None:
-    if hasattr(transform, "buffer_enabled"):
-        transform.buffer_enabled = False
-    for child in (*getattr(transform, "transforms", ()), getattr(transform, "pre_transform", None)):
-        if child is not None:
-            _draw_mosaic_partners_from_whole_dataset(child)
 
 
 def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: int, seed: int,

@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ._torch_internals import set_default_group_timeout
 from .config import ConfigError
 
 __all__ = ["DistEnv", "read_env", "process_group", "init_process_group", "destroy", "launch_local",
@@ -97,9 +98,7 @@ def init_process_group(env: DistEnv, device: torch.device, *, timeout_s: float =
     backend = "nccl" if device.type == "cuda" else "gloo"
     # groups made later (DeepSpeed's copy of the world group, HSDP's mesh dimensions) take torch's module default,
     # not the world group's timeout: make it ours, so that `timeout=` bounds every collective
-    from torch.distributed import distributed_c10d
-
-    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+    set_default_group_timeout(timedelta(seconds=timeout_s))
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, store=_store(env),
                             timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)

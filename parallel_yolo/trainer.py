@@ -51,7 +51,8 @@ def train(cfg: TrainConfig, *, launch_record: Path | None = None) -> dict[str, A
     device = dist.pick_device(env, cfg.device)
     with dist.process_group(env, device, timeout_s=cfg.timeout):
         strategy = create(name, env=env, device=device, precision=policy(precision),
-                          options={**preset(name, cuda=device.type == "cuda"), "sync_bn": cfg.sync_bn})
+                          options={**preset(name, cuda=device.type == "cuda"), "sync_bn": cfg.sync_bn,
+                                   "gloo_collectives": cfg.gloo_collectives})
         metrics = Trainer(cfg, strategy, launch_record=launch_record).fit()
         del strategy  # the wrapped model holds the group: free it while every rank is still connected
     return metrics

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._torch_internals import fused_kernel_devices
+from ._ultralytics_internals import build_optimizer, model_class
 from .config import ConfigError, TrainConfig
 
 __all__ = ["hyp_namespace", "check_model_spec", "check_layers", "load_local_pt", "build_model", "build_criterion",
@@ -92,16 +93,13 @@ def nominal_accumulate(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, f
 def optimizer_factory(cfg: TrainConfig, hyp: Any, *, nc: int, dataset_size: int, weight_decay: float):
     """A callable model -> optimizer that runs Ultralytics' build_optimizer (its param groups, the auto rule); MuSGD
     becomes DistributedMuSGD, which the strategy binds to its layout in setup."""
-    from ultralytics.engine.trainer import BaseTrainer
-
     iterations = math.ceil(dataset_size / max(cfg.batch, hyp.nbs)) * cfg.epochs
 
     def make(model: nn.Module) -> torch.optim.Optimizer:
         from .optim import distributed
 
-        stand_in = SimpleNamespace(args=hyp, data={"nc": nc})
-        optimizer = BaseTrainer.build_optimizer(stand_in, model=model, name=cfg.optimizer, lr=cfg.lr0,
-                                                momentum=cfg.momentum, decay=weight_decay, iterations=iterations)
+        optimizer = build_optimizer(model, hyp=hyp, nc=nc, name=cfg.optimizer, lr=cfg.lr0, momentum=cfg.momentum,
+                                    decay=weight_decay, iterations=iterations)
         return fused(distributed(optimizer, model))
 
     return make
@@ -114,12 +112,10 @@ def fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     measured on yolov8x, 2 CPU processes, the optimizer step took zero2 0.80 -> 0.46 s, zero3 0.80 -> 0.57 s and
     ddp 0.16 -> 0.09 s. FSDP's DTensor parameters keep the loop (DTensor has no sharding rule for the fused ops);
     so do the other optimizers (DistributedMuSGD runs foreach kernels on the local shards itself)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
     if type(optimizer) not in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
         return optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    devices = _get_fused_kernels_supported_devices()
+    devices = fused_kernel_devices()
     if all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in devices for p in params):
         for group in optimizer.param_groups:
             group.update(fused=True, foreach=False)
@@ -158,8 +154,6 @@ def check_layers(layers: Any, source: str) -> dict:
     Ultralytics' parse_model evaluates `act` with eval() and looks each layer's module up among its tasks module's
     globals and calls it, so a model description from a file someone else wrote (a checkpoint's manifest, a
     downloaded yaml) could run code or call a loader there; what passes here is a plain torch or Ultralytics module."""
-    from ultralytics.nn import tasks
-
     def module_class(name: Any) -> Any:
         if not isinstance(name, str):
             return None
@@ -169,7 +163,7 @@ def check_layers(layers: Any, source: str) -> dict:
             import torchvision
 
             return getattr(torchvision.ops, name[16:], None)
-        return vars(tasks).get(name)
+        return model_class(name)
 
     def fail(what: str) -> ConfigError:
         return ConfigError(f"{source}: {what} is not a torch or Ultralytics module; the model description is damaged "

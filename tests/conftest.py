@@ -138,6 +138,19 @@ def rank_environment(rank: int, world: int, port: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def demo_train_set():
+    """The demo dataset's training split at 64 px, as Ultralytics builds it (mosaic pipeline)."""
+    from ultralytics.data.build import build_yolo_dataset
+
+    from parallel_yolo import data, yolo
+    from parallel_yolo.config import TrainConfig
+
+    hyp = yolo.hyp_namespace(TrainConfig(imgsz=64, batch=4))
+    hyp.imgsz = 64
+    spec = data.resolve_dataset("demo")
+    return build_yolo_dataset(hyp, spec["train"], 4, spec, mode="train", stride=32)
+
+
 def tiny_batch() -> dict:
     """Two 64-px noise images with one box each, in the layout Ultralytics' loss takes."""
     import torch

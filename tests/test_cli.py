@@ -106,15 +106,14 @@ def test_optimizer_names_are_ultralytics_own_in_any_case():
     """The names train= accepts are those Ultralytics' build_optimizer accepts (its error lists them), normalised as
     Ultralytics normalises them."""
     import re
-    from types import SimpleNamespace
-
     import torch
-    from ultralytics.engine.trainer import BaseTrainer
 
+    from parallel_yolo._ultralytics_internals import build_optimizer
     from parallel_yolo.config import OPTIMIZERS, TrainConfig
 
     with pytest.raises(NotImplementedError) as refused:
-        BaseTrainer.build_optimizer(SimpleNamespace(args=None, data={}), model=torch.nn.Linear(2, 2), name="Adagrad")
+        build_optimizer(torch.nn.Linear(2, 2), hyp=None, nc=0, name="Adagrad", lr=0.01, momentum=0.9, decay=0.0,
+                        iterations=1)
     listed = set(re.findall(r"'(\w+)'", re.search(r"\{.*\}", str(refused.value)).group(0)))
     assert listed == set(OPTIMIZERS)
     assert TrainConfig(optimizer="musgd").optimizer == "MuSGD" and TrainConfig(optimizer="ADAMW").optimizer == "AdamW"

@@ -7,6 +7,8 @@ import torch
 
 from parallel_yolo import data
 
+from conftest import demo_train_set
+
 
 def test_demo_dataset_is_deterministic_and_valid(tmp_path, monkeypatch):
     trees = []
@@ -53,20 +55,8 @@ def test_sampler_resumes_mid_epoch_with_the_same_samples_and_seeds():
     assert len(set(seeds)) == len(seeds)  # every sample its own augmentation seed
 
 
-def _demo_train_set():
-    from ultralytics.data.build import build_yolo_dataset
-
-    from parallel_yolo import yolo
-    from parallel_yolo.config import TrainConfig
-
-    hyp = yolo.hyp_namespace(TrainConfig(imgsz=64, batch=4))
-    hyp.imgsz = 64
-    spec = data.resolve_dataset("demo")
-    return build_yolo_dataset(hyp, spec["train"], 4, spec, mode="train", stride=32)
-
-
 def test_samples_are_augmented_the_same_whatever_was_loaded_before():
-    samples = data.SeededSamples(_demo_train_set())
+    samples = data.SeededSamples(demo_train_set())
     first = samples[(7, 3)]["img"]
     for key in ((1, 0), (2, 5), (3, 9)):
         samples[key]
@@ -86,7 +76,7 @@ def test_split_batch_reindexes_boxes():
 
 
 def test_batches_do_not_depend_on_the_number_of_workers():
-    dataset = _demo_train_set()
+    dataset = demo_train_set()
     batches = {}
     for workers in (0, 2):
         loader = data.train_loader(dataset, batch=8, rank=1, world_size=2, workers=workers, seed=3,

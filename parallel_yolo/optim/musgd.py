@@ -28,6 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._torch_internals import foreach
+from .._ultralytics_internals import musgd_defaults, musgd_fields, muon_update
+
 __all__ = ["DistributedMuSGD", "distributed"]
 
 
@@ -38,9 +41,10 @@ def distributed(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.opt
     if type(optimizer) is not MuSGD:
         return optimizer
     names = {id(p): name for name, p in model.named_parameters()}
-    muon = [names[id(p)] for group in optimizer.param_groups if group["use_muon"] for p in group["params"]
+    muon_factor, sgd_factor, groups = musgd_fields(optimizer)
+    muon = [names[id(p)] for group, use_muon in groups if use_muon for p in group["params"]
             if p.requires_grad]  # DFL's fixed conv is in a muon group, never has a gradient: MuSGD skips it
-    return DistributedMuSGD(optimizer.param_groups, muon=optimizer.muon, sgd=optimizer.sgd, muon_names=muon)
+    return DistributedMuSGD(optimizer.param_groups, muon=muon_factor, sgd=sgd_factor, muon_names=muon)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,10 +146,7 @@ class DistributedMuSGD(torch.optim.Optimizer):
     """Ultralytics' MuSGD step on the elements this rank holds, Newton–Schulz by owner ranks (see the module)."""
 
     def __init__(self, params, *, muon: float, sgd: float, muon_names: list[str]):
-        from ultralytics.optim import MuSGD
-
-        defaults = MuSGD([torch.zeros(1)]).defaults  # MuSGD's own defaults for what a group leaves out
-        super().__init__(params, defaults)
+        super().__init__(params, musgd_defaults())  # MuSGD's own defaults for what a group leaves out
         self.muon, self.sgd, self.muon_names = muon, sgd, muon_names
         self.newton_schulz_matrices = 0
         """Matrices this rank has orthogonalised (each optimizer step's share of the model's, ~1/N of them)."""
@@ -200,18 +201,18 @@ class DistributedMuSGD(torch.optim.Optimizer):
             lr, momentum, nesterov = group["lr"], group["momentum"], group["nesterov"]
             weights, grads = [_flat(p) for p in params], [_flat(p.grad) for p in params]
             if group["use_muon"]:
-                torch._foreach_add_(weights, [orthogonal[id(p)] for p in params], alpha=-(lr * self.muon))
+                foreach.add_(weights, [orthogonal[id(p)] for p in params], alpha=-(lr * self.muon))
                 buffers = [_flat(self.state[p]["momentum_buffer_SGD"]) for p in params]
                 lr *= self.sgd
             else:
                 buffers = [_flat(self.state[p]["momentum_buffer"]) for p in params]
             # SGD update, as MuSGD.step (weight decay on the weights after the Muon update)
             if group["weight_decay"] != 0:
-                grads = torch._foreach_add(grads, weights, alpha=group["weight_decay"])
-            torch._foreach_mul_(buffers, momentum)
-            torch._foreach_add_(buffers, grads)
-            updates = torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers
-            torch._foreach_add_(weights, updates, alpha=-lr)
+                grads = foreach.add(grads, weights, alpha=group["weight_decay"])
+            foreach.mul_(buffers, momentum)
+            foreach.add_(buffers, grads)
+            updates = foreach.add(grads, buffers, alpha=momentum) if nesterov else buffers
+            foreach.add_(weights, updates, alpha=-lr)
         return loss
 
     def _muon_updates(self, groups: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> dict[int, torch.Tensor]:
@@ -223,11 +224,11 @@ class DistributedMuSGD(torch.optim.Optimizer):
             beta = group["momentum"]
             momenta = [_flat(self.state[p]["momentum_buffer"]) for p in params]
             grads = [_flat(p.grad) for p in params]
-            torch._foreach_mul_(momenta, beta)
-            torch._foreach_add_(momenta, grads, alpha=1 - beta)
+            foreach.mul_(momenta, beta)
+            foreach.add_(momenta, grads, alpha=1 - beta)
             if group["nesterov"]:
-                nesterov = list(torch._foreach_mul(momenta, beta))
-                torch._foreach_add_(nesterov, grads, alpha=1 - beta)
+                nesterov = list(foreach.mul(momenta, beta))
+                foreach.add_(nesterov, grads, alpha=1 - beta)
             else:
                 nesterov = momenta
             updates.update((id(p), u) for p, u in zip(params, nesterov))
@@ -263,13 +264,11 @@ class DistributedMuSGD(torch.optim.Optimizer):
         """Ultralytics' muon_update on whole matrices whose momentum step was already taken: with beta 0 and no
         Nesterov its momentum becomes the update itself, then Newton–Schulz, batched as Ultralytics batches it, and
         the rows/cols scale."""
-        from ultralytics.optim import muon
-
         if not whole:
             return {}
         names = list(whole)
         matrices = [whole[n].view(self._shapes[n]) for n in names]
-        result = muon.muon_update(matrices, [torch.zeros_like(m) for m in matrices], beta=0.0, nesterov=False)
+        result = muon_update(matrices)
         self.newton_schulz_matrices += len(names)
         return {n: r.reshape(-1) for n, r in zip(names, result)}
 

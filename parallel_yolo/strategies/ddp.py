@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
-
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .._torch_internals import ddp_no_forward_buffer_sync
 from .base import Strategy
 from .registry import register
 
@@ -27,7 +26,7 @@ class DDPStrategy(Strategy):
             model,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=self.options.get("find_unused_parameters", False),
-            **{_NO_FORWARD_BUFFER_SYNC: False},
+            **ddp_no_forward_buffer_sync(),
             bucket_cap_mb=self.options.get("bucket_cap_mb", 25),
             gradient_as_bucket_view=self.options.get("gradient_as_bucket_view", True),
         )
@@ -43,8 +42,3 @@ class DDPStrategy(Strategy):
 
         self.model.register_comm_hook(None, default_hooks.allreduce_hook)
 
-
-# torch 2.13 renamed broadcast_buffers to forward_sync_buffers (buffers are still synced once, at wrap time: harmless,
-# every rank builds the same model)
-_NO_FORWARD_BUFFER_SYNC = ("forward_sync_buffers" if "forward_sync_buffers" in
-                           inspect.signature(DistributedDataParallel.__init__).parameters else "broadcast_buffers")

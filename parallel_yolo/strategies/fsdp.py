@@ -19,8 +19,8 @@ import math
 
 import torch
 
+from .._torch_internals import dtensor_global_offset
 from .base import OptimizerSpan, ParamShard, Strategy
-from .gloo import all_gather_by_broadcasts, reduce_scatter_by_sends
 from .registry import register
 
 __all__ = ["FSDPStrategy", "FSDPGradOpStrategy", "HSDPStrategy"]
@@ -55,8 +55,6 @@ class FSDPStrategy(Strategy):
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-        if torch.distributed.get_backend() == "gloo":
-            _gloo_collectives(model)
         self._raw = self.model = model
         self.optimizer = make_optimizer(model)
         self._shards = _LocalShards(self.optimizer)
@@ -105,12 +103,10 @@ class FSDPStrategy(Strategy):
     def param_shards(self) -> list[ParamShard]:
         """FSDP2 shards dim 0 into contiguous row blocks, so each local shard is one flat range of the tensor;
         optimizer state is sharded exactly like its parameter. Under hsdp the replicas split the writing."""
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
         shards = []
         for name, p in self.model.named_parameters():
             local = p.to_local()
-            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            offset = dtensor_global_offset(p)
             lo = offset[0] * math.prod(p.shape[1:]) if p.dim() else 0
             share = _replica_share(p)
             shards.append(ParamShard(name, tuple(p.shape), lo, lo + local.numel(), local.view(-1), share,
@@ -172,32 +168,6 @@ def _is_dtensor(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def _gloo_collectives(model) -> None:
-    """On gloo, FSDP's all-gathers as broadcasts and its reduce-scatters as sends (strategies/gloo.py). Without CUDA
-    streams FSDP waits for each of them in turn, the all-gather when a layer starts, the reduce-scatter when its
-    gradients are done. yolov8x, 320 px, batch 4, 2 processes on this 2-core machine, per step: all-gathers
-    0.58 -> 0.31 s, reduce-scatters 0.42 -> ~0.2 s; step 5.42 / 5.58 -> 5.04 / 5.25 s in alternating compare runs.
-    Issuing each layer's all-gather asynchronously from the layer before (FSDP's unshard_async_op with explicit
-    prefetch) gave 5.04 / 5.12 s: within the noise, so it is not done."""
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # set_custom_*'s interfaces
-    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
-
-    class BroadcastAllGather(DefaultAllocMixin, AllGather):  # buffers allocated as FSDP's default comms do
-        def __call__(self, output_tensor, input_tensor, group, async_op=False):
-            return all_gather_by_broadcasts(output_tensor, input_tensor, group=group, async_op=async_op)
-
-    class ReduceScatterBySends(DefaultAllocMixin, ReduceScatter):
-        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-            return reduce_scatter_by_sends(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
-
-    all_gather, reduce_scatter = BroadcastAllGather(), ReduceScatterBySends()  # stateless: one of each serves all
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_custom_all_gather(all_gather)
-            module.set_custom_reduce_scatter(reduce_scatter)
 
 
 def _replica_share(p) -> tuple[int, int]:

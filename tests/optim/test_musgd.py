@@ -25,12 +25,11 @@ DISTRIBUTED = sorted(name for name in REGISTRY if name != "single")
 def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     rank_environment(rank, world, port)
     torch.set_num_threads(1)  # the reference's thread count: the same gradients, bit for bit
-    from types import SimpleNamespace
 
-    from ultralytics.engine.trainer import BaseTrainer
     from ultralytics.optim import muon
 
     from parallel_yolo import dist as pdist, yolo
+    from parallel_yolo._ultralytics_internals import build_optimizer
     from parallel_yolo.config import TrainConfig
     from parallel_yolo.precision import policy
     from parallel_yolo.strategies import create, preset
@@ -55,9 +54,8 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     env, device = pdist.read_env(), torch.device("cpu")
     with pdist.process_group(env, device) if name != "ultralytics" else contextlib.nullcontext():
         if name == "ultralytics":  # the reference: Ultralytics' optimizer stepping the plain model
-            optimizer = BaseTrainer.build_optimizer(SimpleNamespace(args=hyp, data={"nc": 3}), model=model,
-                                                    name="MuSGD", lr=LR, momentum=cfg.momentum, decay=5e-4,
-                                                    iterations=1)
+            optimizer = build_optimizer(model, hyp=hyp, nc=3, name="MuSGD", lr=LR, momentum=cfg.momentum, decay=5e-4,
+                                        iterations=1)
             wrapped, backward = model, lambda loss: loss.backward()
 
             def step():

@@ -1,0 +1,85 @@
+"""parallel_yolo/_ultralytics_internals.py: each Ultralytics internal the project relies on is where the adapter
+expects it and behaves as the adapter assumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import demo_train_set
+
+from parallel_yolo import _ultralytics_internals as internals, yolo
+from parallel_yolo.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def model_and_hyp():
+    hyp = yolo.hyp_namespace(TrainConfig())
+    return yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp), hyp
+
+
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "MuSGD"])
+def test_build_optimizer_runs_on_a_stand_in_trainer(model_and_hyp, name):
+    model, hyp = model_and_hyp
+    optimizer = internals.build_optimizer(model, hyp=hyp, nc=3, name=name, lr=0.01, momentum=0.9, decay=5e-4,
+                                          iterations=100)
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in model.parameters()}  # every parameter, once (DFL's fixed conv included)
+    decays = sorted({group["weight_decay"] for group in optimizer.param_groups})
+    assert decays[0] == 0.0 and decays[-1] == pytest.approx(5e-4)  # Ultralytics' groups: no decay on BN and biases
+
+
+def test_build_optimizer_auto_picks_musgd_past_10000_iterations(model_and_hyp):
+    model, hyp = model_and_hyp
+    build = lambda iterations: internals.build_optimizer(model, hyp=hyp, nc=3, name="auto", lr=0.01, momentum=0.9,
+                                                         decay=5e-4, iterations=iterations)
+    assert type(build(10_001)).__name__ == "MuSGD" and type(build(100)).__name__ == "AdamW"
+
+
+def test_musgd_fields_and_defaults(model_and_hyp):
+    model, hyp = model_and_hyp
+    optimizer = internals.build_optimizer(model, hyp=hyp, nc=3, name="MuSGD", lr=0.01, momentum=0.9, decay=5e-4,
+                                          iterations=100)
+    muon, sgd, groups = internals.musgd_fields(optimizer)
+    assert isinstance(muon, float) and isinstance(sgd, float)
+    assert {use for _, use in groups} == {True, False}
+    muon_params = [p for group, use in groups if use for p in group["params"]]
+    assert muon_params and all(p.dim() >= 2 for p in muon_params)  # matrices and conv filters
+    assert {"lr", "momentum", "weight_decay", "nesterov"} <= set(internals.musgd_defaults())
+
+
+def test_muon_update_orthogonalises_whole_matrices():
+    torch.manual_seed(0)
+    matrices = [torch.randn(8, 4), torch.randn(16, 3, 3, 3)]
+    updates = internals.muon_update(matrices)
+    assert [u.shape for u in updates] == [m.shape for m in matrices]
+    singular = torch.linalg.svdvals(updates[0].float() / updates[0].float().norm(dim=0).max())
+    assert singular.max() / singular.min() < 2  # Newton–Schulz evens the singular values (a random matrix's do not)
+
+
+def test_mosaic_draws_partners_from_the_whole_dataset_once_its_buffer_is_off():
+    from ultralytics.data.augment import Mosaic
+
+    dataset = demo_train_set()
+    found = []
+
+    def walk(transform):
+        if isinstance(transform, Mosaic):
+            found.append(transform)
+        for child in (*getattr(transform, "transforms", ()), getattr(transform, "pre_transform", None)):
+            if child is not None:
+                walk(child)
+
+    walk(dataset.transforms)
+    assert found and all(m.buffer_enabled for m in found)  # Ultralytics' default without cache=ram
+    dataset.buffer = [0]  # what a worker had loaded last: with the buffer on, every partner is image 0
+    assert {i for _ in range(20) for i in found[0].get_indexes()} == {0}
+    assert internals.mosaic_from_whole_dataset(dataset.transforms) >= len(found)
+    partners = {i for _ in range(20) for i in found[0].get_indexes()}
+    assert len(partners) > 5 and all(0 <= i < len(dataset) for i in partners)
+
+
+def test_model_class_finds_what_parse_model_would_use():
+    from ultralytics.nn.modules import C2f, Conv, Detect
+
+    assert internals.model_class("Conv") is Conv and internals.model_class("C2f") is C2f
+    assert internals.model_class("Detect") is Detect and internals.model_class("no_such_module") is None
