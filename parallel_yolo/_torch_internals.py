@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ._internals import changed, require
 
 __all__ = ["set_default_group_timeout", "fused_kernel_devices", "dtensor_global_offset", "fsdp_comm_bases",
-           "foreach", "collective_homes", "ddp_no_forward_buffer_sync"]
+           "foreach", "checkpoint_module", "collective_homes", "ddp_no_forward_buffer_sync"]
 
 
 def set_default_group_timeout(timeout: timedelta) -> None:
@@ -66,6 +66,17 @@ def _foreach() -> SimpleNamespace:
 
 foreach = _foreach()
 """torch's multi-tensor kernels (`foreach.add_(tensors, others, alpha=)`), as torch's own optimizers call them."""
+
+
+def checkpoint_module(module, *, context_fn) -> None:
+    """torch's composable activation checkpoint on `module` (non-reentrant, through forward hooks: the module and its
+    attributes stay as they are); `context_fn` returns (forward context, recompute context)."""
+    try:
+        from torch.distributed._composable import checkpoint
+    except ImportError as error:
+        raise changed("torch", f"torch.distributed._composable.checkpoint ({error})",
+                      "activation checkpointing that keeps the layers' names and attributes") from None
+    checkpoint(module, context_fn=context_fn, preserve_rng_state=True)
 
 
 def collective_homes() -> tuple:

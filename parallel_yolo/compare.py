@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from . import dist, memory, yolo
+from . import dist, memory, recompute, yolo
 from .comm import CommCounter
 from .config import CompareConfig, TrainConfig
 from .precision import policy
@@ -52,13 +52,14 @@ def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
     folder = Path(cfg.project) / cfg.name
     if not env.launched and cfg.nproc:  # one fresh group per strategy
         folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok)
-        for name in cfg.strategy_list:
-            print(f"compare: {name} x{cfg.nproc} ...", flush=True)
-            code = dist.launch_local(cfg.nproc, ["compare", *tokens, f"strategies={name}", f"project={folder.parent}",
+        for label, name, mode in cfg.runs:
+            print(f"compare: {label} x{cfg.nproc} ...", flush=True)
+            code = dist.launch_local(cfg.nproc, ["compare", *tokens, f"strategies={name}",
+                                                 f"activation_checkpointing={mode}", f"project={folder.parent}",
                                                  f"name={folder.name}", "exist_ok=true", "_part=true"])
             if code:  # the group printed why
                 raise SystemExit(code)
-        rows = [json.loads((folder / "parts" / f"{name}.json").read_text()) for name in cfg.strategy_list]
+        rows = [json.loads((folder / "parts" / f"{label}.json").read_text()) for label, _, _ in cfg.runs]
         return _publish(cfg, folder, rows)
     if not cfg._part:
         folder = RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else folder
@@ -66,8 +67,9 @@ def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
     rows = []
     with dist.process_group(env, device, timeout_s=cfg.timeout):
         folder = Path(dist.broadcast_object(folder))
-        for name in cfg.strategy_list:
-            rows.append({"strategy": name, "ranks": dist.gather_object(measure(name, cfg, env=env, device=device))})
+        for label, name, mode in cfg.runs:
+            rows.append({"strategy": label,
+                         "ranks": dist.gather_object(measure(name, mode, cfg, env=env, device=device))})
         if env.is_main and cfg._part:
             (folder / "parts").mkdir(parents=True, exist_ok=True)
             for row in rows:
@@ -78,7 +80,8 @@ def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
 
 
 # ---- one strategy on this rank --------------------------------------------------------------------------------------
-def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device) -> dict[str, Any]:
+def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device
+            ) -> dict[str, Any]:
     gc.collect()
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
@@ -86,7 +89,7 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     # resident set no longer follows the live tensors
     with memory.returning_freed_memory():
         memory.reset_peak(device)
-        strategy, ema, criterion, numel, muon_numel = _build(name, cfg, env=env, device=device)
+        strategy, ema, criterion, numel, muon_numel = _build(name, checkpointing, cfg, env=env, device=device)
         peaks = {"setup": _peak(strategy, device)}
         for phase, images in (("warm-up", batch), ("warm-up", batch), ("batch", batch), ("double", double)):
             memory.reset_peak(device)  # two warm-up steps: in a probe DDP's peak still grew 260 MiB from step 2 to 3
@@ -118,8 +121,9 @@ def measure(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.d
     return result
 
 
-def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device):
-    """The strategy with the model set up on it, its EMA, the loss, and the model's parameter count."""
+def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device):
+    """The strategy with the model set up on it (the layers `checkpointing` names recomputed in backward), its EMA,
+    the loss, and the model's parameter count."""
     train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
                             strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
     hyp = yolo.hyp_namespace(train_cfg)
@@ -127,6 +131,7 @@ def _build(name: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.de
                       options={**preset(name, cuda=device.type == "cuda"), "gloo_collectives": cfg.gloo_collectives})
     model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
     criterion = yolo.build_criterion(model)
+    recompute.apply(model, checkpointing)
     if cfg.compile:
         model.compile()
     sizes = {key: p.numel() for key, p in model.named_parameters()}
@@ -207,7 +212,7 @@ def _publish(cfg: CompareConfig, folder: Path, rows: list[dict[str, Any]]) -> di
     folder.mkdir(parents=True, exist_ok=True)
     result = {"config": {k: getattr(cfg, k) for k in ("model", "strategies", "nproc", "imgsz", "batch", "precision",
                                                        "steps", "optimizer", "budget", "channels_last", "compile",
-                                                       "gloo_collectives")},
+                                                       "gloo_collectives", "activation_checkpointing")},
               "device": _device_name(), "method": __doc__.split("\n\n", 1)[1].split("\n\nSelf-launched")[0],
               "summary": summary, "ranks": rows}
     (folder / "compare.json").write_text(json.dumps(result, indent=2))

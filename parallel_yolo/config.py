@@ -21,6 +21,9 @@ __all__ = ["ConfigError", "TrainConfig", "ValConfig", "ConsolidateConfig", "pars
 
 STRATEGY_NAMES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+CHECKPOINTING = ("none", "backbone", "all")
+"""activation_checkpointing's values (parallel_yolo/recompute.py): none; backbone: the layers the model yaml lists
+under `backbone`; all: every layer with parameters."""
 # what Ultralytics' build_optimizer accepts (any case), spelled as it spells them; `auto`: MuSGD past 10,000 iterations,
 # else AdamW (tests/test_config.py checks the list against Ultralytics')
 OPTIMIZERS = ("SGD", "MuSGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "auto")
@@ -68,6 +71,10 @@ class TrainConfig:
     None: on for CUDA, off on CPU, as Ultralytics does."""
     compile: bool = False
     """torch.compile the model before the strategy wraps it (the first steps compile)."""
+    activation_checkpointing: str = "none"
+    """Keep only each chosen layer's input through the forward pass and recompute the rest in backward: less
+    activation memory for more compute. none, backbone (the model yaml's backbone layers) or all (every layer with
+    parameters). BatchNorm's running statistics and the random generators end exactly as without it."""
     device: str | None = None
     """None picks CUDA when present, else CPU; `cpu` forces CPU and gloo."""
     optimizer: str = "auto"
@@ -124,6 +131,7 @@ class TrainConfig:
         _at_least(self, 0, "max_restarts")
         if self.timeout < 10:
             raise ConfigError(f"timeout={self.timeout:g}: collectives need at least 10 seconds; e.g. timeout=600")
+        _check_checkpointing(self.activation_checkpointing)
         for key in ("micro_batch", "nproc", "max_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -239,6 +247,9 @@ class CompareConfig:
     unless the environment sets PARALLEL_YOLO_GLOO_COLLECTIVES=0."""
     compile: bool = False
     """torch.compile the model before the strategy wraps it (the first step, which compiles, is not timed)."""
+    activation_checkpointing: str = "none"
+    """Comma-separated activation_checkpointing values (see TrainConfig) each strategy is measured with, e.g.
+    `none,all`: rows `zero3` and `zero3+all`."""
     device: str | None = None
     project: str = "runs/compare"
     name: str = "compare"
@@ -259,12 +270,24 @@ class CompareConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; choose "
                               f"one of {', '.join(PRECISIONS)}")
+        for mode in self.checkpointing_list:
+            _check_checkpointing(mode)
         self.optimizer = _optimizer_name(self.optimizer, tuple(n for n in OPTIMIZERS if n != "auto"))
         self.budget_bytes  # noqa: B018  (validates)
 
     @property
     def strategy_list(self) -> list[str]:
         return [s.strip() for s in str(self.strategies).split(",") if s.strip()]
+
+    @property
+    def checkpointing_list(self) -> list[str]:
+        return [s.strip() for s in str(self.activation_checkpointing).split(",") if s.strip()] or ["none"]
+
+    @property
+    def runs(self) -> list[tuple[str, str, str]]:
+        """(row label, strategy, activation_checkpointing) for every measurement, in order."""
+        return [(name if mode == "none" else f"{name}+{mode}", name, mode)
+                for name in self.strategy_list for mode in self.checkpointing_list]
 
     @property
     def budget_bytes(self) -> int:
@@ -377,6 +400,12 @@ def _unknown_key(key: str, known: set[str]) -> str:
         return (f"{key}: an Ultralytics key that parallel-yolo does not use (it would be silently ignored); "
                 f"remove it")
     return f"{key}: unknown key{_suggest(key, known)}; see `parallel-yolo help` for the keys"
+
+
+def _check_checkpointing(mode: str) -> None:
+    if mode not in CHECKPOINTING:
+        raise ConfigError(f"activation_checkpointing={mode}: unknown{_suggest(mode, CHECKPOINTING)}; choose one of "
+                          f"{', '.join(CHECKPOINTING)}")
 
 
 def _suggest(word: str, choices) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data as datamod, dist, memory, yolo
+from . import checkpoint, data as datamod, dist, memory, recompute, yolo
 from .checkpoint import rng, state as ckpt_state
 from .config import ConfigError, TrainConfig, Unanimous
 from .heartbeat import progress
@@ -78,6 +78,10 @@ class Trainer:
                                  verbose=False)
         self.criterion = yolo.build_criterion(model)
         self.stride = max(int(model.stride.max()), 32)
+        recomputed = recompute.apply(model, cfg.activation_checkpointing)
+        if recomputed:
+            self._say(f"activation checkpointing: {len(recomputed)} of {len(model.model)} layers recompute their "
+                      f"activations in backward ({cfg.activation_checkpointing})")
         if cfg.compile:
             model.compile()  # before the strategy wraps it, as compare measures it
         self._build_loaders()

@@ -18,13 +18,15 @@ from parallel_yolo.comm import CommCounter, ring_bytes
 @pytest.mark.slow
 def test_compare_two_strategies(tmp_path):
     result = check(run_cli("compare", "model=yolov8n.yaml", "strategies=ddp,fsdp", "nproc=2", "imgsz=64", "batch=4",
-                           "steps=3", "optimizer=AdamW", "budget=2GiB", "project=runs", cwd=tmp_path))
+                           "steps=3", "optimizer=AdamW", "budget=2GiB", "activation_checkpointing=none,all",
+                           "project=runs", cwd=tmp_path))
     folder = tmp_path / "runs" / "compare"
     report = json.loads((folder / "compare.json").read_text())
     assert "ddp" in result.stdout and "fsdp" in result.stdout and (folder / "compare.png").stat().st_size > 10_000
     with open(folder / "compare.csv") as f:
         table = list(csv.DictReader(f))
-    assert [row["strategy"] for row in table] == ["ddp", "fsdp"] == [s["strategy"] for s in report["summary"]]
+    labels = ["ddp", "ddp+all", "fsdp", "fsdp+all"]  # each strategy without and with activation checkpointing
+    assert [row["strategy"] for row in table] == labels == [s["strategy"] for s in report["summary"]]
     for row, summary in zip(table, report["summary"]):
         assert float(row["states_MiB"]) == pytest.approx(summary["states_MiB"])
         assert float(row["peak_MiB"]) == pytest.approx(summary["peak_MiB"])
@@ -39,7 +41,10 @@ def test_compare_two_strategies(tmp_path):
             assert rank["peak_bytes"] > sum(rank["states"].values())
             # bytes sent: DDP all-reduces every gradient, FSDP sends 1.5x (two gathers and a reduce-scatter)
             assert abs(rank["sent_bytes_per_step"] - rank["sent_theory_bytes"]) <= 0.02 * rank["sent_theory_bytes"]
-    ddp, fsdp = report["summary"]
+    ddp, ddp_all, fsdp, fsdp_all = report["summary"]
+    for plain, recomputed in ((ddp, ddp_all), (fsdp, fsdp_all)):  # recompute changes activations, not states
+        assert recomputed["states_MiB"] == pytest.approx(plain["states_MiB"], rel=1e-3)
+        assert recomputed["sent_MiB_per_step"] == pytest.approx(plain["sent_MiB_per_step"], rel=1e-3)
     assert ddp["sent_vs_ddp"] == 1.0 and fsdp["sent_vs_ddp"] == pytest.approx(1.5, rel=0.02)
     assert fsdp["params_MiB"] == pytest.approx(ddp["params_MiB"] / 2, rel=0.02)
 
