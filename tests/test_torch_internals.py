@@ -79,6 +79,25 @@ def test_foreach_kernels():
     assert [t.tolist() for t in internals.foreach.mul(b, 0.5)] == [[1.0, 1.0], [1.0, 1.0, 1.0]]
 
 
+def test_composable_checkpoint_recomputes_inside_the_given_context_and_keeps_the_module():
+    import contextlib
+
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.SiLU())
+    layer.f, names = -1, [n for n, _ in torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.SiLU()).named_parameters()]
+    entered = []
+
+    @contextlib.contextmanager
+    def recompute():
+        entered.append(True)
+        yield
+
+    internals.checkpoint_module(layer, context_fn=lambda: (contextlib.nullcontext(), recompute()))
+    assert type(layer) is torch.nn.Sequential and layer.f == -1 and [n for n, _ in layer.named_parameters()] == names
+    x = torch.randn(3, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert entered == [True] and x.grad is not None  # recomputed once, in backward, inside the context
+
+
 def test_collectives_live_in_both_homes_comm_swaps():
     """comm.py swaps the functions in both modules; callers of either name must reach the same function."""
     from parallel_yolo.comm import _COLLECTIVES
