@@ -59,9 +59,9 @@ def fsdp_comm_bases() -> tuple[type, type, type]:
 
 
 def _foreach() -> SimpleNamespace:
-    why = "DistributedMuSGD's multi-tensor updates"
+    why = "multi-tensor updates of DistributedMuSGD and the sharded EMA"
     return SimpleNamespace(**{name: require(torch, f"_foreach_{name}", "torch", why)
-                              for name in ("add", "add_", "mul", "mul_")})
+                              for name in ("add", "add_", "mul", "mul_", "lerp_")})
 
 
 foreach = _foreach()

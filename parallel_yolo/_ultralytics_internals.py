@@ -15,7 +15,7 @@ from torch import nn
 from ._internals import changed, require
 
 __all__ = ["build_optimizer", "musgd_fields", "musgd_defaults", "muon_update", "mosaic_from_whole_dataset",
-           "model_class"]
+           "model_class", "ema_decay", "validate_in_training_mode"]
 
 
 def build_optimizer(model: nn.Module, *, hyp: Any, nc: int, name: str, lr: float, momentum: float, decay: float,
@@ -84,3 +84,40 @@ def model_class(name: str) -> Any:
     from ultralytics.nn import tasks
 
     return vars(tasks).get(name)
+
+
+def ema_decay(*, decay: float, tau: float):
+    """ModelEMA's decay ramp, updates -> decay (its `decay` attribute), so a sharded EMA decays exactly as it does."""
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    return require(ModelEMA(nn.Module(), decay=decay, tau=tau), "decay", "ultralytics", "the EMA's decay ramp")
+
+
+class _TrainerView:
+    """The attributes DetectionValidator reads from a trainer when it validates during training."""
+
+    def __init__(self, *, device: torch.device, data: dict, model: nn.Module, loss_names: tuple[str, ...],
+                 world_size: int):
+        self.device, self.data, self.world_size = device, data, world_size
+        self.ema = SimpleNamespace(ema=model)
+        self.loss_items = {k: torch.zeros((), device=device) for k in loss_names}
+        self.amp = False  # the EMA weights are fp32; validate them in fp32 under every policy
+        self.epoch, self.epochs = 0, 1
+        self.stopper = SimpleNamespace(possible_stop=False)
+
+    @staticmethod
+    def label_loss_items(loss_items: dict | None = None, prefix: str = "train"):
+        return {f"{prefix}/{k}": round(float(v), 5) for k, v in (loss_items or {}).items()}
+
+
+def validate_in_training_mode(validator, model: nn.Module, *, device: torch.device, data: dict,
+                              loss_names: tuple[str, ...], world_size: int) -> dict[str, float] | None:
+    """Run a DetectionValidator as Ultralytics' trainer does between epochs (losses included; under a process group
+    it gathers every rank's statistics), on a stand-in for the trainer with what the validator reads of one."""
+    view = _TrainerView(device=device, data=data, model=model, loss_names=loss_names, world_size=world_size)
+    try:
+        return validator(trainer=view)
+    except AttributeError as error:
+        raise changed("ultralytics", f"a trainer attribute DetectionValidator reads ({error})",
+                      "validation during training") from None
+

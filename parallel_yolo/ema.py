@@ -11,15 +11,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._torch_internals import foreach
+from ._ultralytics_internals import ema_decay
+
 __all__ = ["ShardedEMA"]
 
 
 class ShardedEMA:
     def __init__(self, strategy, *, decay: float = 0.9999, tau: float = 2000):
-        from ultralytics.utils.torch_utils import ModelEMA
-
         self.strategy = strategy
-        self.decay = ModelEMA(nn.Module(), decay=decay, tau=tau).decay  # Ultralytics' ramp, not a copy of it
+        self.decay = ema_decay(decay=decay, tau=tau)  # Ultralytics' ramp, not a copy of it
         self.updates = 0
         local = strategy.local_state()
         self.shadow = {k: v.detach().clone() for k, v in local.items()}
@@ -28,8 +29,8 @@ class ShardedEMA:
     def update(self) -> None:
         self.updates += 1
         local = self.strategy.local_state()
-        torch._foreach_lerp_([self.shadow[k] for k in self._float], [local[k].detach() for k in self._float],
-                             1 - self.decay(self.updates))
+        foreach.lerp_([self.shadow[k] for k in self._float], [local[k].detach() for k in self._float],
+                      1 - self.decay(self.updates))
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.shadow.values())

@@ -9,32 +9,15 @@ from __future__ import annotations
 
 from copy import copy
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._ultralytics_internals import validate_in_training_mode
 from .config import ConfigError
 
 __all__ = ["Evaluator", "run_val", "load_for_eval", "model_from_checkpoint"]
-
-
-class _TrainerView:
-    """The attributes DetectionValidator reads from a trainer when it validates during training."""
-
-    def __init__(self, *, device: torch.device, data: dict, model: nn.Module, loss_names: tuple[str, ...],
-                 world_size: int):
-        self.device, self.data, self.world_size = device, data, world_size
-        self.ema = SimpleNamespace(ema=model)
-        self.loss_items = {k: torch.zeros((), device=device) for k in loss_names}
-        self.amp = False  # the EMA weights are fp32; validate them in fp32 under every policy
-        self.epoch, self.epochs = 0, 1
-        self.stopper = SimpleNamespace(possible_stop=False)
-
-    @staticmethod
-    def label_loss_items(loss_items: dict | None = None, prefix: str = "train"):
-        return {f"{prefix}/{k}": round(float(v), 5) for k, v in (loss_items or {}).items()}
 
 
 class Evaluator:
@@ -53,11 +36,10 @@ class Evaluator:
         """Metrics (with 'fitness') on rank 0; None on the other ranks."""
         if getattr(model, "criterion", None) is None:
             model.criterion = model.init_criterion()
-        view = _TrainerView(device=self.device, data=self.data, model=model, loss_names=loss_names,
-                            world_size=self.world_size)
         was_training = model.training
         try:
-            return self.validator(trainer=view)
+            return validate_in_training_mode(self.validator, model, device=self.device, data=self.data,
+                                             loss_names=loss_names, world_size=self.world_size)
         finally:
             model.train(was_training)
 

@@ -77,6 +77,8 @@ def test_foreach_kernels():
     internals.foreach.mul_(a, 3.0)
     assert [t.tolist() for t in internals.foreach.add(a, b)] == [[8.0, 8.0], [8.0, 8.0, 8.0]]
     assert [t.tolist() for t in internals.foreach.mul(b, 0.5)] == [[1.0, 1.0], [1.0, 1.0, 1.0]]
+    internals.foreach.lerp_(b, [torch.zeros(2), torch.zeros(3)], 0.25)
+    assert [t.tolist() for t in b] == [[1.5, 1.5], [1.5, 1.5, 1.5]]
 
 
 def test_composable_checkpoint_recomputes_inside_the_given_context_and_keeps_the_module():

@@ -83,3 +83,31 @@ def test_model_class_finds_what_parse_model_would_use():
 
     assert internals.model_class("Conv") is Conv and internals.model_class("C2f") is C2f
     assert internals.model_class("Detect") is Detect and internals.model_class("no_such_module") is None
+
+
+def test_ema_decay_is_model_emas_ramp():
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    ramp, reference = internals.ema_decay(decay=0.9999, tau=2000), ModelEMA(torch.nn.Linear(1, 1))
+    assert [ramp(n) for n in (1, 100, 10_000)] == [reference.decay(n) for n in (1, 100, 10_000)]
+
+
+def test_validator_runs_in_training_mode_on_the_trainer_stand_in(model_and_hyp, tmp_path):
+    from copy import copy
+
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    from parallel_yolo import data
+
+    model, hyp = model_and_hyp
+    hyp = copy(hyp)
+    hyp.imgsz, hyp.plots = 64, False
+    spec = data.resolve_dataset("demo")
+    loader = data.val_loader(data.build_dataset(hyp, spec, "val", batch=8, stride=32, mode="val"), batch=8, workers=0,
+                             distributed=False, device=torch.device("cpu"))
+    model = copy(model)
+    model.criterion = model.init_criterion()
+    names = ("box_loss", "cls_loss", "dfl_loss")
+    metrics = internals.validate_in_training_mode(DetectionValidator(loader, save_dir=tmp_path, args=hyp), model,
+                                                  device=torch.device("cpu"), data=spec, loss_names=names, world_size=1)
+    assert "fitness" in metrics and {"val/box_loss", "val/cls_loss", "val/dfl_loss"} <= set(metrics)

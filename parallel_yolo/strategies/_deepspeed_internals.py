@@ -14,8 +14,8 @@ import torch.distributed as dist
 from .._internals import require
 
 __all__ = ["fp32_partitions", "partition", "flat_groups", "gradient_buffers", "offset", "inside", "share_storage",
-           "Zero3Param", "zero3_param", "zero3_flat_groups", "zero3_gradient_buffer", "zero3_gradient_views", "zero3_rank", "comm_backend",
-           "look_up_collectives_at_call_time", "double_buffers"]
+           "Zero3Param", "zero3_param", "zero3_flat_groups", "zero3_gradient_buffer", "zero3_gradient_views",
+           "zero3_rank", "comm_backend", "look_up_collectives_at_call_time", "double_buffers"]
 
 
 def _get(obj, name: str, why: str):

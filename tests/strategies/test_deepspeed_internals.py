@@ -141,7 +141,8 @@ def _checks(strategy, internals, deepspeed, rank: int) -> dict:
         assert views and all(internals.inside(v, buffer) for v in views)  # what memory_report counts as grads
 
     common = {"comm_backend": comm_backend, "master_is_the_weights": master_is_the_weights,
-              "optimizer_units": optimizer_units, "collectives_looked_up_at_call_time": collectives_looked_up_at_call_time}
+              "optimizer_units": optimizer_units,
+              "collectives_looked_up_at_call_time": collectives_looked_up_at_call_time}
     if stage3:
         return {**common, "zero3_params": zero3_params, "zero3_flat_groups": zero3_flat_groups,
                 "zero3_gradient_buffer": zero3_gradient_buffer}

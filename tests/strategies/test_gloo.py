@@ -177,7 +177,8 @@ def test_every_sharded_strategy_trains_the_same_with_the_module_on_and_off(tmp_p
         result = torch.load(tmp_path / f"{rank}.pt")
         assert result["same"] == dict.fromkeys(SHARDED, True)
         calls = result["calls"]
-        gather, scatter = {"all_gather_into_tensor", "all_gather_single"}, {"reduce_scatter_tensor", "reduce_scatter_single"}
+        gather = {"all_gather_into_tensor", "all_gather_single"}
+        scatter = {"reduce_scatter_tensor", "reduce_scatter_single"}
         for name in SHARDED:  # on: broadcasts and sends; off: the libraries' own all-gathers and reduce-scatters
             assert "broadcast" in calls[name, True] and not gather & calls[name, True], name
             assert gather & calls[name, False], name
