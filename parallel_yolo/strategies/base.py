@@ -124,7 +124,6 @@ class Strategy:
         """Wrap `model`, build the optimizer over the parameters the wrapped model trains, and tell an optimizer that
         needs whole matrices (DistributedMuSGD) where every rank's pieces of them are (a collective)."""
         from ..optim import DistributedMuSGD
-
         from . import gloo
 
         wrapped = self.wrap(model, make_optimizer=make_optimizer)
