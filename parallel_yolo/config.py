@@ -131,7 +131,7 @@ class TrainConfig:
         _at_least(self, 0, "max_restarts")
         if self.timeout < 10:
             raise ConfigError(f"timeout={self.timeout:g}: collectives need at least 10 seconds; e.g. timeout=600")
-        _check_checkpointing(self.activation_checkpointing)
+        _check_checkpointing(self.activation_checkpointing, compile=self.compile)
         for key in ("micro_batch", "nproc", "max_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -271,7 +271,7 @@ class CompareConfig:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; choose "
                               f"one of {', '.join(PRECISIONS)}")
         for mode in self.checkpointing_list:
-            _check_checkpointing(mode)
+            _check_checkpointing(mode, compile=self.compile)
         self.optimizer = _optimizer_name(self.optimizer, tuple(n for n in OPTIMIZERS if n != "auto"))
         self.budget_bytes  # noqa: B018  (validates)
 
@@ -402,10 +402,15 @@ def _unknown_key(key: str, known: set[str]) -> str:
     return f"{key}: unknown key{_suggest(key, known)}; see `parallel-yolo help` for the keys"
 
 
-def _check_checkpointing(mode: str) -> None:
+def _check_checkpointing(mode: str, *, compile: bool) -> None:
     if mode not in CHECKPOINTING:
         raise ConfigError(f"activation_checkpointing={mode}: unknown{_suggest(mode, CHECKPOINTING)}; choose one of "
                           f"{', '.join(CHECKPOINTING)}")
+    if compile and mode != "none":
+        # measured: the compiled model's recompute in backward yields tensors whose metadata differ from the forward's,
+        # and torch's checkpoint stops the run at the first backward
+        raise ConfigError(f"activation_checkpointing={mode} cannot be combined with compile=true (torch's checkpoint "
+                          "refuses the compiled recompute); drop one of them")
 
 
 def _suggest(word: str, choices) -> str:

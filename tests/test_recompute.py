@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from conftest import free_port, rank_environment, tiny_batch
 
 from parallel_yolo import recompute, yolo
-from parallel_yolo.config import ConfigError, TrainConfig
+from parallel_yolo.config import CompareConfig, ConfigError, TrainConfig
 
 
 def _model():
@@ -67,6 +67,10 @@ def test_modes_choose_layers_and_unknown_values_are_refused():
     assert recompute.chosen_layers(model, "none") == []
     with pytest.raises(ConfigError, match=r"activation_checkpointing=al: unknown \(did you mean all\?\)"):
         TrainConfig(activation_checkpointing="al")
+    with pytest.raises(ConfigError, match="cannot be combined with compile=true"):
+        TrainConfig(activation_checkpointing="all", compile=True)
+    with pytest.raises(ConfigError, match="cannot be combined with compile=true"):
+        CompareConfig(activation_checkpointing="none,backbone", compile=True)
 
 
 STRATEGIES = ("ddp", "zero3", "fsdp")
