@@ -22,16 +22,14 @@ import torch
 from torch import nn
 
 from ._torch_internals import checkpoint_module
-from .config import CHECKPOINTING
 
 __all__ = ["chosen_layers", "apply", "keep_batchnorm_statistics"]
 
 
 def chosen_layers(model: nn.Module, mode: str) -> list[int]:
-    """Indices into `model.model` of the layers `mode` (config.CHECKPOINTING) checkpoints; `all` leaves out layers
-    without parameters (Concat, Upsample), which keep next to nothing for backward."""
-    if mode not in CHECKPOINTING:
-        raise ValueError(f"activation_checkpointing={mode}: one of {', '.join(CHECKPOINTING)}")
+    """Indices into `model.model` of the layers `mode` (one of config.CHECKPOINTING, which the config validates)
+    checkpoints; `all` leaves out layers without parameters (Concat, Upsample), which keep next to nothing for
+    backward."""
     if mode == "none":
         return []
     count = len(model.yaml["backbone"]) if mode == "backbone" else len(model.model)
