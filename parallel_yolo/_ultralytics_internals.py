@@ -6,6 +6,8 @@ name, instead of training differently from Ultralytics without a word.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,7 +17,7 @@ from torch import nn
 from ._internals import changed, require
 
 __all__ = ["build_optimizer", "musgd_fields", "musgd_defaults", "muon_update", "mosaic_from_whole_dataset",
-           "model_class", "ema_decay", "validate_in_training_mode"]
+           "model_class", "ema_decay", "validate_in_training_mode", "build_layer_by_layer"]
 
 
 def build_optimizer(model: nn.Module, *, hyp: Any, nc: int, name: str, lr: float, momentum: float, decay: float,
@@ -121,3 +123,75 @@ def validate_in_training_mode(validator, model: nn.Module, *, device: torch.devi
         raise changed("ultralytics", f"a trainer attribute DetectionValidator reads ({error})",
                       "validation during training") from None
 
+
+
+# ---- sharded initialisation -----------------------------------------------------------------------------------------
+def build_layer_by_layer(cfg: dict, *, nc: int, take: Callable[[nn.Module, bool], None]) -> nn.Module:
+    """A DetectionModel built as DetectionModel(cfg, nc=nc) builds it, handing each top-level layer to `take(layer,
+    last)` as soon as Ultralytics' parse_model has made it, so that no process holds every layer at once: `take` keeps
+    its share and leaves the layer's tensors on the meta device. The random generator is drawn exactly as in the
+    whole build (the same constructors in the same order), so every value is the whole build's.
+
+    The rest of DetectionModel.__init__ is done here: its stride probe (a forward pass) runs on the meta device, where
+    it needs only shapes; the head is handed over last, after bias_init has written its biases from the strides.
+    A layer counts as made when parse_model sets its `type` after its `i` and `f` (Module.__setattr__ is watched
+    for that while the layers are made)."""
+    from torch.func import functional_call
+    from ultralytics.nn import tasks
+    from ultralytics.nn.modules.head import Detect
+    from ultralytics.utils.torch_utils import initialize_weights
+
+    initialise = require(tasks, "_initialize_yolo_model", "ultralytics", "DetectionModel's layers built from a yaml")
+    count = len(cfg["backbone"]) + len(cfg["head"])
+    shapes: dict[str, torch.Size] = {}  # the full shape of every parameter and buffer handed over
+
+    def made(layer: nn.Module) -> None:
+        if layer.i != count - 1:  # the head waits for its biases
+            shapes.update((f"model.{layer.i}.{k}", t.shape) for k, t in _tensors_of(layer))
+            take(layer, False)
+
+    model = tasks.DetectionModel.__new__(tasks.DetectionModel)
+    nn.Module.__init__(model)
+    with _each_layer_made(made):
+        initialise(model, cfg, 3, nc, False)
+    if len(model.model) != count:
+        raise changed("ultralytics", "parse_model's layers (one per yaml row)", "sharded initialisation")
+    head = model.model[-1]
+    if isinstance(head, Detect):  # as DetectionModel.__init__: strides from a 256 px probe, then the biases
+        probe = 256
+        head.inplace = model.inplace
+        state = {k: torch.empty(shapes.get(k, t.shape), dtype=t.dtype, device="meta") for k, t in _tensors_of(model)}
+        model.model.eval()
+        head.training = True
+        output = functional_call(model, state, (torch.zeros(1, 3, probe, probe, device="meta"),))
+        output = output.get("one2many", output) if isinstance(output, dict) else output
+        feats = output["feats"] if isinstance(output, dict) else output
+        head.stride = torch.tensor([probe / x.shape[-2] for x in feats])
+        model.stride = head.stride
+        model.model.train()
+        head.bias_init()
+    else:
+        model.stride = torch.Tensor([32])
+    initialize_weights(model)
+    take(head, True)
+    return model
+
+
+def _tensors_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+@contextlib.contextmanager
+def _each_layer_made(callback: Callable[[nn.Module], None]) -> Iterator[None]:
+    original = nn.Module.__setattr__
+
+    def watch(module: nn.Module, name: str, value: Any) -> None:
+        original(module, name, value)
+        if name == "type" and isinstance(value, str) and "i" in module.__dict__ and "f" in module.__dict__:
+            callback(module)
+
+    nn.Module.__setattr__ = watch
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = original

@@ -8,8 +8,9 @@ records:
 - peak memory of a training step above the baseline taken before the model was built (CUDA: peak allocated; CPU:
   peak resident set with glibc returning freed memory at once, memory.returning_freed_memory, so that it follows
   the live tensors as CUDA's figure does), and of the setup (building and wrapping the model);
-- activation memory: peak minus model states; with the peaks at two batch sizes, a linear fit
-  peak(b) = fixed + b x per_image gives the largest per-GPU batch that fits `budget`;
+- activation memory: peak minus model states, beside recompute.py's forecast of it (from a forward pass on the meta
+  device); with the peaks at two batch sizes, a linear fit peak(b) = fixed + b x per_image gives the largest per-GPU
+  batch that fits `budget` (which activation_checkpointing=auto also plans for);
 - bytes sent per step, counted by wrapping the collectives (comm.py), beside the strategy's theory (which covers the
   gradients and parameters); under optimizer=MuSGD, also the bytes its Newton–Schulz exchange sends (`muon`);
 - step time (median of the timed steps after the first, under glibc's default policy) and images/s.
@@ -83,13 +84,15 @@ def run_compare(cfg: CompareConfig, tokens: list[str]) -> dict[str, Any] | None:
 def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device
             ) -> dict[str, Any]:
     gc.collect()
+    memory.load_meta_kernels()  # the activation forecast's meta-device pass would count torch's code as memory
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
     batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
     # memory first: once glibc's heap has grown under its default policy, later steps reuse its holes and the
     # resident set no longer follows the live tensors
     with memory.returning_freed_memory():
         memory.reset_peak(device)
-        strategy, ema, criterion, numel, muon_numel = _build(name, checkpointing, cfg, env=env, device=device)
+        strategy, ema, criterion, numel, muon_numel, per_image = _build(name, checkpointing, cfg, env=env,
+                                                                         device=device)
         peaks = {"setup": _peak(strategy, device)}
         for phase, images in (("warm-up", batch), ("warm-up", batch), ("batch", batch), ("double", double)):
             memory.reset_peak(device)  # two warm-up steps: in a probe DDP's peak still grew 260 MiB from step 2 to 3
@@ -109,6 +112,7 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
         "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
         "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
                                   master=strategy.master_copy, optimizer=cfg.optimizer, muon_numel=muon_numel),
+        "forecast_activation_bytes": per_image * (cfg.batch // env.world_size),
         "peak_bytes": peaks["batch"], "peak_double_batch_bytes": peaks["double"], "peak_setup_bytes": peaks["setup"],
         "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),
         "muon_sent_bytes_per_step": round(counter.bytes.get("all_to_all_single", 0) / (cfg.steps - 1)),
@@ -123,25 +127,33 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
 
 def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device):
     """The strategy with the model set up on it (the layers `checkpointing` names recomputed in backward), its EMA,
-    the loss, and the model's parameter count."""
+    the loss, the model's parameter count, its MuSGD matrices' count and the forecast activation bytes per image."""
     train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
                             strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
     hyp = yolo.hyp_namespace(train_cfg)
     strategy = create(name, env=env, device=device, precision=policy(cfg.precision),
-                      options={**preset(name, cuda=device.type == "cuda"), "gloo_collectives": cfg.gloo_collectives})
-    model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp)
-    criterion = yolo.build_criterion(model)
-    recompute.apply(model, checkpointing)
+                      options={**preset(name, cuda=device.type == "cuda"), "gloo_collectives": cfg.gloo_collectives,
+                               "sharded_init": cfg.sharded_init})
+    model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp,
+                             keep=strategy.layer_keeper())
+    profiled = recompute.profile(model, cfg.imgsz, full_shape=strategy.full_shape)
+    layers, forecast = recompute.choose(model, checkpointing, strategy=strategy, optimizer=cfg.optimizer,
+                                        images=cfg.batch // env.world_size, imgsz=cfg.imgsz, budget=cfg.budget_bytes,
+                                        profiled=profiled)
+    recompute.apply(model, layers)
+    if forecast and env.rank == 0:
+        print(f"compare: {name}+auto recomputes {len(layers)} layers: {forecast}", flush=True)
     if cfg.compile:
         model.compile()
-    sizes = {key: p.numel() for key, p in model.named_parameters()}
+    sizes = {key: strategy.full_shape(p).numel() for key, p in model.named_parameters()}
     make_optimizer = yolo.optimizer_factory(train_cfg, hyp, nc=80, dataset_size=cfg.batch, weight_decay=5e-4)
     strategy.setup(model, make_optimizer=make_optimizer)
     del model
+    criterion = yolo.build_criterion(strategy.raw_model)
     memory.release_freed()
     strategy.expose_communication()
     muon = sum(sizes[key] for key in getattr(strategy.inner_optimizer(), "muon_names", ()))
-    return strategy, strategy.make_ema(), criterion, sum(sizes.values()), muon
+    return strategy, strategy.make_ema(), criterion, sum(sizes.values()), muon, profiled.activation_bytes(layers)
 
 
 def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
@@ -194,7 +206,9 @@ def summarize(row: dict[str, Any], budget: int) -> dict[str, Any]:
         "strategy": row["strategy"], **{f"{k}_MiB": worst["states"][k] / MIB for k in memory.CATEGORIES},
         "states_MiB": held / MIB, "formula_MiB": theory / MIB,
         "states_vs_formula": held / theory - 1 if theory else None,
-        "peak_MiB": peak / MIB, "activations_MiB": (peak - held) / MIB, "per_image_MiB": per_image / MIB,
+        "peak_MiB": peak / MIB, "activations_MiB": (peak - held) / MIB,
+        "forecast_activations_MiB": max(r["forecast_activation_bytes"] for r in ranks) / MIB,
+        "per_image_MiB": per_image / MIB,
         "max_batch_per_gpu": fits, "sent_MiB_per_step": sent / MIB,
         "muon_sent_MiB_per_step": max(r["muon_sent_bytes_per_step"] for r in ranks) / MIB,
         "sent_theory_MiB": None if theory_sent is None else theory_sent / MIB,
@@ -212,7 +226,7 @@ def _publish(cfg: CompareConfig, folder: Path, rows: list[dict[str, Any]]) -> di
     folder.mkdir(parents=True, exist_ok=True)
     result = {"config": {k: getattr(cfg, k) for k in ("model", "strategies", "nproc", "imgsz", "batch", "precision",
                                                        "steps", "optimizer", "budget", "channels_last", "compile",
-                                                       "gloo_collectives", "activation_checkpointing")},
+                                                       "gloo_collectives", "activation_checkpointing", "sharded_init")},
               "device": _device_name(), "method": __doc__.split("\n\n", 1)[1].split("\n\nSelf-launched")[0],
               "summary": summary, "ranks": rows}
     (folder / "compare.json").write_text(json.dumps(result, indent=2))
@@ -242,14 +256,15 @@ def _print_table(summary: list[dict[str, Any]], cfg: CompareConfig, world: int) 
     table = Table(title=f"{cfg.model} x{world} ranks, imgsz {cfg.imgsz}, batch {cfg.batch}, {cfg.precision}, "
                         f"{cfg.optimizer}: MiB per rank (worst rank)")
     columns = ["strategy", "params", "master", "grads", "optim", "ema", "states", "formula", "diff", "peak",
-               "activ.", "vs ddp", f"batch@{cfg.budget}", "sent/step", "theory", "muon", "step s", "img/s",
+               "activ.", "forecast", "vs ddp", f"batch@{cfg.budget}", "sent/step", "theory", "muon", "step s", "img/s",
                "time vs ddp"]
     for column in columns:
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for s in summary:
         table.add_row(s["strategy"], *(f"{s[f'{k}_MiB']:.0f}" for k in memory.CATEGORIES),
                       f"{s['states_MiB']:.0f}", f"{s['formula_MiB']:.0f}", _percent(s["states_vs_formula"]),
-                      f"{s['peak_MiB']:.0f}", f"{s['activations_MiB']:.0f}", f"{s['peak_vs_ddp']:.2f}",
+                      f"{s['peak_MiB']:.0f}", f"{s['activations_MiB']:.0f}",
+                      f"{s['forecast_activations_MiB']:.0f}", f"{s['peak_vs_ddp']:.2f}",
                       str(s["max_batch_per_gpu"]), f"{s['sent_MiB_per_step']:.0f}",
                       "-" if s["sent_theory_MiB"] is None else f"{s['sent_theory_MiB']:.0f}",
                       f"{s['muon_sent_MiB_per_step']:.0f}",

@@ -21,9 +21,9 @@ __all__ = ["ConfigError", "TrainConfig", "ValConfig", "ConsolidateConfig", "pars
 
 STRATEGY_NAMES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
-CHECKPOINTING = ("none", "backbone", "all")
+CHECKPOINTING = ("none", "backbone", "all", "auto")
 """activation_checkpointing's values (parallel_yolo/recompute.py): none; backbone: the layers the model yaml lists
-under `backbone`; all: every layer with parameters."""
+under `backbone`; all: every layer with parameters; auto: the least recompute whose forecast fits `budget`."""
 # what Ultralytics' build_optimizer accepts (any case), spelled as it spells them; `auto`: MuSGD past 10,000 iterations,
 # else AdamW (tests/test_config.py checks the list against Ultralytics')
 OPTIMIZERS = ("SGD", "MuSGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "auto")
@@ -73,8 +73,11 @@ class TrainConfig:
     """torch.compile the model before the strategy wraps it (the first steps compile)."""
     activation_checkpointing: str = "none"
     """Keep only each chosen layer's input through the forward pass and recompute the rest in backward: less
-    activation memory for more compute. none, backbone (the model yaml's backbone layers) or all (every layer with
-    parameters). BatchNorm's running statistics and the random generators end exactly as without it."""
+    activation memory for more compute. none, backbone (the model yaml's backbone layers), all (every layer with
+    parameters) or auto (the fewest operations recomputed whose forecast peak fits `budget`). BatchNorm's running
+    statistics and the random generators end exactly as without it."""
+    budget: str | None = None
+    """Memory per GPU (per process on CPU) that activation_checkpointing=auto plans for: 80GiB, 24GB, 512MiB ..."""
     device: str | None = None
     """None picks CUDA when present, else CPU; `cpu` forces CPU and gloo."""
     optimizer: str = "auto"
@@ -111,6 +114,10 @@ class TrainConfig:
     """Also save a checkpoint every N optimizer steps (0: only at epoch ends)."""
     keep_last: int = 3
     sync_bn: bool = False
+    sharded_init: bool = True
+    """Under strategies that shard parameters (zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp), build a yaml's model
+    layer by layer, each rank keeping only its share of each layer as it is made, so that no rank holds the whole
+    model (the values are the whole build's, bit for bit); false: every rank builds the whole model first."""
     gloo_collectives: bool | None = None
     """CPU runs (gloo): DeepSpeed's and FSDP's all-gathers, reduce-scatters and reduces as broadcasts and sends,
     which gloo runs faster (strategies/gloo.py); false: the libraries' own. No effect on GPUs (NCCL). None: on,
@@ -132,6 +139,10 @@ class TrainConfig:
         if self.timeout < 10:
             raise ConfigError(f"timeout={self.timeout:g}: collectives need at least 10 seconds; e.g. timeout=600")
         _check_checkpointing(self.activation_checkpointing, compile=self.compile)
+        if self.activation_checkpointing == "auto" and self.budget is None:
+            raise ConfigError("activation_checkpointing=auto plans for a memory budget: add budget=, the memory of one "
+                              "GPU (e.g. budget=80GiB), or choose none, backbone or all")
+        self.budget_bytes  # noqa: B018  (validates)
         for key in ("micro_batch", "nproc", "max_steps"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -156,6 +167,10 @@ class TrainConfig:
     def hyp_value(self) -> dict[str, Any]:
         """All Ultralytics hyper-parameters: their defaults overridden by what the user set."""
         return {**ULTRALYTICS_KEYS, **self.hyp}
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget is None else size_bytes("budget", self.budget)
 
     def per_rank_batch(self, world_size: int) -> tuple[int, int]:
         """(images per process per iteration, images per forward pass); refuses a batch that does not split."""
@@ -238,9 +253,14 @@ class CompareConfig:
     optimizer: str = "SGD"
     """Any optimizer Ultralytics builds but `auto` (SGD, MuSGD, Adam, AdamW, ...): the formula's state follows it."""
     budget: str = "80GiB"
-    """Memory per GPU (per process on CPU) for the largest-batch estimate: 80GiB, 24GB, 512MiB ..."""
+    """Memory per GPU (per process on CPU) for the largest-batch estimate and activation_checkpointing=auto: 80GiB,
+    24GB, 512MiB ..."""
     channels_last: bool = False
     """Images, and so the activations, in channels-last memory format, as `train` does (see TrainConfig)."""
+    sharded_init: bool = True
+    """Under strategies that shard parameters (zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp), build a yaml's model
+    layer by layer, each rank keeping only its share of each layer as it is made, so that no rank holds the whole
+    model (the values are the whole build's, bit for bit); false: every rank builds the whole model first."""
     gloo_collectives: bool | None = None
     """CPU runs (gloo): DeepSpeed's and FSDP's all-gathers, reduce-scatters and reduces as broadcasts and sends,
     which gloo runs faster (strategies/gloo.py); false: the libraries' own. No effect on GPUs (NCCL). None: on,
@@ -276,6 +296,10 @@ class CompareConfig:
         self.budget_bytes  # noqa: B018  (validates)
 
     @property
+    def budget_bytes(self) -> int:
+        return size_bytes("budget", self.budget)
+
+    @property
     def strategy_list(self) -> list[str]:
         return [s.strip() for s in str(self.strategies).split(",") if s.strip()]
 
@@ -289,15 +313,17 @@ class CompareConfig:
         return [(name if mode == "none" else f"{name}+{mode}", name, mode)
                 for name in self.strategy_list for mode in self.checkpointing_list]
 
-    @property
-    def budget_bytes(self) -> int:
-        units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(self.budget))
-        try:
-            return int(float(match[1]) * units[match[2].upper()])
-        except (TypeError, KeyError, ValueError):
-            raise ConfigError(f"budget={self.budget}: expected a size such as 80GiB, 24GB or 512MiB") from None
+
+
+def size_bytes(key: str, value: Any) -> int:
+    """A memory size written as 80GiB, 24GB, 512MiB or a number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    try:
+        return int(float(match[1]) * units[match[2].upper()])
+    except (TypeError, KeyError, ValueError):
+        raise ConfigError(f"{key}={value}: expected a size such as 80GiB, 24GB or 512MiB") from None
 
 
 def parse_overrides(tokens: list[str], schema: type) -> Any:

@@ -49,10 +49,12 @@ def train(cfg: TrainConfig, *, launch_record: Path | None = None) -> dict[str, A
     except ConfigError as e:  # the same inputs on every rank: the same mistake
         raise Unanimous(str(e)) from None
     device = dist.pick_device(env, cfg.device)
+    if cfg.activation_checkpointing == "auto":
+        memory.load_meta_kernels()  # its forecast runs on the meta device: code, not the run's memory
     with dist.process_group(env, device, timeout_s=cfg.timeout):
         strategy = create(name, env=env, device=device, precision=policy(precision),
                           options={**preset(name, cuda=device.type == "cuda"), "sync_bn": cfg.sync_bn,
-                                   "gloo_collectives": cfg.gloo_collectives})
+                                   "gloo_collectives": cfg.gloo_collectives, "sharded_init": cfg.sharded_init})
         metrics = Trainer(cfg, strategy, launch_record=launch_record).fit()
         del strategy  # the wrapped model holds the group: free it while every rank is still connected
     return metrics
@@ -75,13 +77,17 @@ class Trainer:
         # a resumed run rebuilds the architecture its checkpoint holds, as data: a .pt its manifest names is not loaded
         spec = self.manifest["model_yaml"] if self.manifest else cfg.model
         model = yolo.build_model(spec, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
-                                 verbose=False)
-        self.criterion = yolo.build_criterion(model)
+                                 verbose=False, keep=strategy.layer_keeper())
         self.stride = max(int(model.stride.max()), 32)
-        recomputed = recompute.apply(model, cfg.activation_checkpointing)
-        if recomputed:
+        layers, forecast = recompute.choose(model, cfg.activation_checkpointing, strategy=strategy,
+                                            optimizer=cfg.optimizer, images=self.micro,
+                                            imgsz=datamod.check_imgsz(cfg.imgsz, stride=self.stride),
+                                            budget=cfg.budget_bytes)
+        recomputed = recompute.apply(model, layers)
+        if recomputed or forecast:
             self._say(f"activation checkpointing: {len(recomputed)} of {len(model.model)} layers recompute their "
-                      f"activations in backward ({cfg.activation_checkpointing})")
+                      f"activations in backward ({cfg.activation_checkpointing}"
+                      f"{': ' + forecast if forecast else ''})")
         if cfg.compile:
             model.compile()  # before the strategy wraps it, as compare measures it
         self._build_loaders()
@@ -90,6 +96,7 @@ class Trainer:
                                                 dataset_size=len(self.train_loader.dataset), weight_decay=weight_decay)
         self.model, _ = strategy.setup(model, make_optimizer=make_optimizer)
         del model
+        self.criterion = yolo.build_criterion(strategy.raw_model)  # on the device the parameters now live on
         memory.release_freed()
         self.groups = strategy.param_groups()
         Schedule.remember_initial(self.groups)

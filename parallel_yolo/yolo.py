@@ -7,14 +7,16 @@ Models are built from a yaml (never downloaded) or loaded from a local .pt; the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._internals import LibraryChanged
 from ._torch_internals import fused_kernel_devices
-from ._ultralytics_internals import build_optimizer, model_class
+from ._ultralytics_internals import build_layer_by_layer, build_optimizer, model_class
 from .config import ConfigError, TrainConfig
 
 __all__ = ["hyp_namespace", "check_model_spec", "check_layers", "load_local_pt", "build_model", "build_criterion",
@@ -40,21 +42,30 @@ def check_model_spec(spec: str) -> None:
         _model_yaml(spec)
 
 
-def build_model(spec: str | dict, *, nc: int, names: dict[int, str], hyp: Any, verbose: bool = False) -> nn.Module:
+def build_model(spec: str | dict, *, nc: int, names: dict[int, str], hyp: Any, verbose: bool = False,
+                keep: Callable[[nn.Module, bool], None] | None = None) -> nn.Module:
     """A DetectionModel from an Ultralytics model yaml, a local .pt (weights transferred where shapes match), or a
-    model description already read (a checkpoint's `model_yaml`, checked by `check_layers` first)."""
-    from ultralytics.nn.tasks import DetectionModel
+    model description already read (a checkpoint's `model_yaml`, checked by `check_layers` first). With `keep`
+    (Strategy.layer_keeper), a yaml's model is built layer by layer, each layer handed to `keep` as soon as it is
+    made (the same values as the whole build: sharded initialisation); a .pt is read whole anyway."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
     weights = None
     if isinstance(spec, dict):
         source = check_layers(spec, "the checkpoint's model")
     elif spec.endswith(".pt"):
         weights = load_local_pt(spec)
-        source = weights.yaml
+        source, keep = weights.yaml, None
     else:
         source = _model_yaml(spec)
     try:
-        model = DetectionModel(source, nc=nc, verbose=verbose)
+        if keep is not None:
+            model = build_layer_by_layer(source if isinstance(source, dict) else yaml_model_load(source), nc=nc,
+                                         take=keep)
+        else:
+            model = DetectionModel(source, nc=nc, verbose=verbose)
+    except LibraryChanged:
+        raise
     except Exception as e:  # Ultralytics raises assorted errors for a yaml it cannot build
         raise ConfigError(f"model={spec}: Ultralytics could not build it ({type(e).__name__}: {e}); "
                           "pass a detection model yaml such as yolov8n.yaml") from None

@@ -43,6 +43,7 @@ def test_compare_two_strategies(tmp_path):
             assert abs(rank["sent_bytes_per_step"] - rank["sent_theory_bytes"]) <= 0.02 * rank["sent_theory_bytes"]
     ddp, ddp_all, fsdp, fsdp_all = report["summary"]
     for plain, recomputed in ((ddp, ddp_all), (fsdp, fsdp_all)):  # recompute changes activations, not states
+        assert 0 < recomputed["forecast_activations_MiB"] < plain["forecast_activations_MiB"] / 2
         assert recomputed["states_MiB"] == pytest.approx(plain["states_MiB"], rel=1e-3)
         assert recomputed["sent_MiB_per_step"] == pytest.approx(plain["sent_MiB_per_step"], rel=1e-3)
     assert ddp["sent_vs_ddp"] == 1.0 and fsdp["sent_vs_ddp"] == pytest.approx(1.5, rel=0.02)

@@ -73,6 +73,63 @@ def test_modes_choose_layers_and_unknown_values_are_refused():
         CompareConfig(activation_checkpointing="none,backbone", compile=True)
 
 
+def test_the_forecast_counts_what_autograd_keeps():
+    """The meta-device profile finds exactly the bytes a real forward keeps for backward (one image; parameters and
+    buffers left out)."""
+    model = _model().train()
+    profiled = recompute.profile(model, 128)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.rand(1, 3, 128, 128))
+    forecast = {}
+    for saved in profiled.saved:
+        forecast.update(saved)
+    assert sum(kept.values()) == sum(forecast.values()) > 0
+    none, every = profiled.activation_bytes([]), profiled.activation_bytes(profiled.candidates)
+    assert none == int(recompute.TRANSIENT * sum(forecast.values())) and every < none / 2
+    assert sum(profiled.flops) > 0 and all(profiled.flops[i] > 0 for i in profiled.candidates)
+
+
+def test_auto_recomputes_the_least_that_fits_the_budget():
+    from types import SimpleNamespace
+
+    model = _model().train()
+    ddp = SimpleNamespace(shard_ranks=lambda: 1, sharded=frozenset(), master_copy=False, full_shape=lambda t: t.shape)
+    profiled = recompute.profile(model, 128)
+    states = 4 * 4 * sum(p.numel() for p in model.parameters())  # params, grads, SGD momentum, EMA in fp32
+
+    def choose(budget):
+        return recompute.choose(model, "auto", strategy=ddp, optimizer="SGD", images=8, imgsz=128, budget=budget,
+                                profiled=profiled)
+
+    none, every = (states + 8 * profiled.activation_bytes(layers) for layers in ([], profiled.candidates))
+    layers, note = choose(none)
+    assert layers == [] and "per rank for 8 images of 128 px" in note
+    assert choose(every)[0] == profiled.candidates
+    chosen = []
+    for budget in (none - 1, (none + every) // 2, every + 1):  # less room, more recompute
+        layers, _ = choose(budget)
+        assert states + 8 * profiled.activation_bytes(layers) <= budget
+        assert all(states + 8 * profiled.activation_bytes(layers[:k] + layers[k + 1:]) > budget  # none unnecessary
+                   for k in range(len(layers)))
+        chosen.append(layers)
+    assert 0 < len(chosen[0]) <= len(chosen[1]) <= len(chosen[2]) and chosen[1] != profiled.candidates
+    with pytest.raises(ConfigError, match=r"auto: the forecast with every layer recomputed is .* over budget=.*; "
+                                          r"lower batch or imgsz"):
+        choose(every - 1)
+    with pytest.raises(ConfigError, match="activation_checkpointing=auto plans for a memory budget: add budget="):
+        TrainConfig(activation_checkpointing="auto")
+    assert TrainConfig(activation_checkpointing="auto", budget="24GB").budget_bytes == 24 * 10**9
+
+
 STRATEGIES = ("ddp", "zero3", "fsdp")
 
 

@@ -111,3 +111,41 @@ def test_validator_runs_in_training_mode_on_the_trainer_stand_in(model_and_hyp, 
     metrics = internals.validate_in_training_mode(DetectionValidator(loader, save_dir=tmp_path, args=hyp), model,
                                                   device=torch.device("cpu"), data=spec, loss_names=names, world_size=1)
     assert "fitness" in metrics and {"val/box_loss", "val/cls_loss", "val/dfl_loss"} <= set(metrics)
+
+
+# heads with 4 strides, one-to-one and one-to-many branches, attention (tests/test_variants.py builds every family)
+@pytest.mark.parametrize("spec", ["yolov8n-p6.yaml", "yolov10n.yaml", "yolo12n.yaml", "yolo26n.yaml"])
+def test_a_model_built_layer_by_layer_is_the_whole_build(spec):
+    """Sharded initialisation's build: every value, the strides, the attributes and the random generator afterwards
+    as DetectionModel(yaml) makes them, while at most one layer holds real tensors at any time."""
+    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+
+    torch.manual_seed(0)
+    whole = DetectionModel(spec, nc=3, verbose=False)
+    after_whole = torch.get_rng_state()
+    kept, order = {}, []
+
+    def take(layer, last):
+        assert not any(t.is_meta for t in layer.parameters())  # made with real values ...
+        assert all(t.is_meta for done in built_so_far.values() for t in done.parameters())  # ... the others gone
+        order.append((layer.i, last))
+        built_so_far[layer.i] = layer
+        kept.update((f"model.{layer.i}.{k}", v.clone()) for k, v in layer.state_dict().items())
+        layer.to("meta")
+
+    built_so_far = {}
+    torch.manual_seed(0)
+    model = internals.build_layer_by_layer(yaml_model_load(spec), nc=3, take=take)
+    assert torch.equal(torch.get_rng_state(), after_whole)
+    reference = whole.state_dict()
+    assert kept.keys() == reference.keys() and all(torch.equal(kept[k], reference[k]) for k in reference)
+    count = len(whole.model)
+    assert order == [(i, False) for i in range(count - 1)] + [(count - 1, True)]  # the head last, biases written
+    assert torch.equal(model.stride, whole.stride) and torch.equal(model.model[-1].stride, whole.model[-1].stride)
+    for ours, theirs in ((model, whole), (model.model[-1], whole.model[-1])):
+        assert ours.__dict__.keys() == theirs.__dict__.keys()
+        for key, value in theirs.__dict__.items():
+            if not key.startswith("_"):
+                mine = ours.__dict__[key]
+                assert torch.equal(mine, value) if isinstance(value, torch.Tensor) else mine == value, key
+    assert [m.training for m in model.modules()] == [m.training for m in whole.modules()]

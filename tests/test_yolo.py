@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ROOT
 
 from parallel_yolo import yolo
 from parallel_yolo.config import ConfigError, TrainConfig
@@ -93,3 +94,22 @@ def test_every_shipped_model_yaml_passes_the_layer_check_and_code_does_not():
     for layers in bad:
         with pytest.raises(ConfigError, match="not a torch or Ultralytics module"):
             yolo.check_layers(layers, "test")
+
+
+def test_the_wide_yaml_is_yolov8x_with_every_channel_count_doubled():
+    """configs/models/yolov8x-wide.yaml, the larger-than-x model of the README and benchmarks/sharded_init.py."""
+    import copy
+
+    from ultralytics.nn.tasks import parse_model, yaml_model_load
+
+    def layers(spec):
+        with torch.device("meta"):  # shapes only
+            return parse_model(copy.deepcopy(yaml_model_load(spec)), ch=3, verbose=False)[0]
+
+    wide, x = layers(str(ROOT / "configs" / "models" / "yolov8x-wide.yaml")), layers("yolov8x.yaml")
+    convs = [(a, b) for a, b in zip(wide.modules(), x.modules()) if isinstance(a, torch.nn.Conv2d)]
+    assert len(convs) == sum(isinstance(m, torch.nn.Conv2d) for m in x.modules())
+    # every convolution doubled, but the head's class and box outputs and its fixed DFL projection
+    doubled = [a.out_channels == 2 * b.out_channels for a, b in convs]
+    assert sum(doubled) == len(convs) - 7, [(a.out_channels, b.out_channels) for a, b in convs]
+    assert 270e6 < sum(p.numel() for p in wide.parameters()) < 275e6

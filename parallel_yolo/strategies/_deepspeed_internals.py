@@ -6,6 +6,8 @@ of checkpoints reading wrong ranges or the optimizer stepping wrong weights.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,8 @@ from .._internals import require
 
 __all__ = ["fp32_partitions", "partition", "flat_groups", "gradient_buffers", "offset", "inside", "share_storage",
            "Zero3Param", "zero3_param", "zero3_flat_groups", "zero3_gradient_buffer", "zero3_gradient_views",
-           "zero3_rank", "comm_backend", "look_up_collectives_at_call_time", "double_buffers"]
+           "zero3_rank", "comm_backend", "look_up_collectives_at_call_time", "double_buffers", "forget_stale_groups",
+           "full_shape", "whole_shaped"]
 
 
 def _get(obj, name: str, why: str):
@@ -95,6 +98,28 @@ def zero3_param(param: torch.nn.Parameter) -> Zero3Param:
                       bool(getattr(param, "ds_persist", False)))
 
 
+def full_shape(tensor: torch.Tensor) -> torch.Size:
+    """A tensor's whole shape: a parameter ZeRO-3 has partitioned holds an empty tensor, its shape is `ds_shape`."""
+    if not hasattr(tensor, "ds_id"):
+        return tensor.shape
+    return torch.Size(_get(tensor, "ds_shape", "a partitioned parameter's whole shape"))
+
+
+@contextlib.contextmanager
+def whole_shaped(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside, every partitioned parameter shows its whole shape (a broadcast view of one element: no memory), for
+    code that reads shapes before the engine exists: Ultralytics' build_optimizer puts a parameter into MuSGD's
+    Muon groups by its number of dimensions, which a partitioned parameter's empty tensor would hide."""
+    saved = [(p, p.data) for p in params if hasattr(p, "ds_id")]
+    for p, data in saved:
+        p.data = torch.zeros((), dtype=data.dtype, device=data.device).expand(full_shape(p))
+    try:
+        yield
+    finally:
+        for p, data in saved:
+            p.data = data
+
+
 def zero3_flat_groups(optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per sub-group, (the fp32 master partition the inner optimizer steps in a call of its own, the weights' flat
     partition it mirrors)."""
@@ -128,6 +153,28 @@ def comm_backend(deepspeed):
         for name in ("all_gather_function", "reduce_scatter_function", "reduce", "_reduce_op"):
             _get(backend, name, "the collectives ZeRO calls")
     return backend
+
+
+# the process groups DeepSpeed creates once per process and keeps in module globals
+_GROUP_GLOBALS = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP")
+
+
+def forget_stale_groups(deepspeed) -> list[str]:
+    """DeepSpeed keeps the process groups it creates (a clone of the world, ...) for the life of the process; once
+    the group they came from is destroyed (a run ended) and another starts in the same process (a second `train()`
+    from Python, or a test), its engine would use the dead ones ("Group ... is not registered"). Forget those that
+    the current group does not know, so DeepSpeed creates them anew; returns their names."""
+    groups = _get(_get(deepspeed, "utils", "its utils module"), "groups", "the process groups it keeps")
+    stale = []
+    for name in _GROUP_GLOBALS:
+        group = _get(groups, name, "a process group it creates once per process")
+        try:
+            if group is not None:
+                dist.get_global_rank(group, 0)
+        except (ValueError, RuntimeError):  # not a group of the current world
+            setattr(groups, name, None)
+            stale.append(name)
+    return stale
 
 
 def look_up_collectives_at_call_time(deepspeed) -> None:

@@ -77,6 +77,8 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision.loss_scaling)
         self.skipped_steps = 0
+        if "params" in self.sharded and options.get("sharded_init", True):
+            memory.load_meta_kernels()  # sharded initialisation probes the model on the meta device
         self.baseline_rss = memory.current_rss()  # before the model exists: what memory_report() subtracts
 
     # ---- identity and collectives -------------------------------------------------------------------------------
@@ -131,6 +133,18 @@ class Strategy:
         if isinstance(self.inner_optimizer(), DistributedMuSGD):
             self.inner_optimizer().bind(self)
         return wrapped
+
+    def layer_keeper(self) -> Callable[[nn.Module, bool], None] | None:
+        """Strategies that shard parameters: a function that takes each layer as Ultralytics builds it (and whether
+        it is the last), keeps this rank's share of it and leaves the layer's tensors on the meta device, so that
+        no rank ever holds the whole model (yolo.build_model); `wrap` then shards the model so built. None: the
+        model is built whole (the option `sharded_init: false` asks for that too)."""
+        return None
+
+    def full_shape(self, tensor: torch.Tensor) -> torch.Size:
+        """The whole shape of one of the model's parameters or buffers before `setup` (ZeRO-3 partitions them while
+        the model is built: sharded initialisation)."""
+        return tensor.shape
 
     def wrap(self, model: nn.Module, *, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
              ) -> tuple[nn.Module, torch.optim.Optimizer]:

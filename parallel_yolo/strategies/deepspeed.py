@@ -48,10 +48,13 @@ class ZeroStrategy(Strategy):
 
     def wrap(self, model, *, make_optimizer):
         deepspeed = import_deepspeed()
+        internals.forget_stale_groups(deepspeed)  # a run that ended earlier in this process
         model = model.to(self.device)
         self._raw = model
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model),
-                                                       config=self.ds_config(), dist_init_required=False)
+        with internals.whole_shaped(model.parameters()):  # built sharded: the optimizer sees whole shapes
+            inner = make_optimizer(model)
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=inner, config=self.ds_config(),
+                                                       dist_init_required=False)
         self.model, self.optimizer = engine, optimizer
         if not self.master_copy:
             self._share_master_partitions()
@@ -173,6 +176,24 @@ class Zero3Strategy(ZeroStrategy):
     sharded = frozenset({"optimizer_state", "grads", "params"})
     comm_volume = 3.0
 
+    def layer_keeper(self):
+        """Sharded initialisation: each layer, as Ultralytics makes it, is partitioned at once by
+        `deepspeed.zero.Init(module=layer)` (rank 0's values broadcast, then each rank keeps its slice), as a model
+        built inside that context would be; the engine takes the partitioned parameters as they are."""
+        if not self.options.get("sharded_init", True):
+            return None
+        deepspeed = import_deepspeed()
+        internals.forget_stale_groups(deepspeed)
+        config = self.ds_config()
+
+        def take(layer, last: bool) -> None:
+            deepspeed.zero.Init(module=layer.to(self.device), config_dict_or_path=config, dtype=torch.float32)
+
+        return take
+
+    def full_shape(self, tensor: torch.Tensor) -> torch.Size:
+        return internals.full_shape(tensor)
+
     def wrap(self, model, *, make_optimizer):
         _unshare_stateless_children(model)
         return super().wrap(model, make_optimizer=make_optimizer)
@@ -237,15 +258,18 @@ def _unshare_stateless_children(model: torch.nn.Module) -> None:
 
     DeepSpeed registers ZeRO-3's fetch/release hooks on a child once per parent that lists it, and Ultralytics' Conv
     layers all share one SiLU (`Conv.default_act`): in yolov8x each activation call ran ~100 hook pairs, 9762 per
-    forward, and a step took 9.2 s instead of 5.9 s (2 CPU processes, 320 px, batch 4)."""
+    forward, and a step took 9.2 s instead of 5.9 s (2 CPU processes, 320 px, batch 4). Every parent gets a copy,
+    the first too: the shared one is Ultralytics' class attribute, which every model built later in the process
+    uses, and the engine's hooks on it would run in those models, after the run had ended ("DeepSpeed backend not
+    set" in a consolidate after a zero3 run in the same process)."""
     import copy
+    from collections import Counter
 
-    seen: set[int] = set()
-    for parent in list(model.modules()):  # listed first: the loop replaces children
-        for name, child in list(parent.named_children()):
-            if id(child) in seen and next(child.parameters(), None) is None and next(child.buffers(), None) is None:
-                setattr(parent, name, copy.deepcopy(child))
-            seen.add(id(child))
+    children = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()]
+    uses = Counter(id(child) for _, _, child in children)
+    for parent, name, child in children:
+        if uses[id(child)] > 1 and next(child.parameters(), None) is None and next(child.buffers(), None) is None:
+            setattr(parent, name, copy.deepcopy(child))
 
 
 @register

@@ -15,6 +15,7 @@ strategy's processes (and every launcher) would pay for nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -45,20 +46,63 @@ class FSDPStrategy(Strategy):
 
         return init_device_mesh(self.device.type, (self.world_size,))
 
+    @functools.cached_property
+    def mesh(self):
+        return self._mesh()
+
+    def layer_keeper(self):
+        """Sharded initialisation: of each layer Ultralytics builds, keep this rank's rows of every parameter (the
+        layout fully_shard gives it: dim 0 split over the shard ranks, DTensor's Shard(0)) and the buffers, and
+        leave the layer on the meta device; wrap then shards the meta model and fills the shards in."""
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        placements = [Replicate()] * (self.mesh.ndim - 1) + [Shard(0)]
+        self._kept: dict[str, torch.Tensor] = {}
+
+        def take(layer, last: bool) -> None:
+            prefix = f"model.{layer.i}."
+            for name, param in layer.named_parameters():
+                local = distribute_tensor(param.detach(), self.mesh, placements, src_data_rank=None).to_local()
+                self._kept[prefix + name] = local.clone()  # its own storage: the full tensor goes
+            for name, buffer in layer.named_buffers():
+                self._kept[prefix + name] = buffer.to(self.device, copy=True)
+            layer.to("meta")
+
+        return take if self.options.get("sharded_init", True) else None
+
     def wrap(self, model, *, make_optimizer):
         from torch.distributed.fsdp import fully_shard
 
-        model = model.to(self.device)
-        mesh = self._mesh()
+        built_sharded = any(p.is_meta for p in model.parameters())
+        if not built_sharded:
+            model = model.to(self.device)
         reshard = self.options.get("reshard_after_forward", self.reshard_after_forward)
         for layer in model.model:
             if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+                fully_shard(layer, mesh=self.mesh, reshard_after_forward=reshard)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=reshard)
+        if built_sharded:
+            self._fill_shards(model)
         self._raw = self.model = model
         self.optimizer = make_optimizer(model)
         self._shards = _LocalShards(self.optimizer)
         return self.model, self.optimizer
+
+    def _fill_shards(self, model) -> None:
+        """Storage for the local shards and buffers of a model built on the meta device, filled with what
+        layer_keeper kept."""
+        # Ultralytics' BaseModel._apply takes no `recurse`, which to_empty passes: allocate below the root (which holds
+        # no tensors of its own); each layer's FSDP unit then points its sharded parameters at the new storage
+        for child in model.children():
+            child.to_empty(device=self.device)
+        kept, self._kept = self._kept, {}
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                local = tensor.to_local() if _is_dtensor(tensor) else tensor
+                if local.shape != kept[name].shape:
+                    raise RuntimeError(f"sharded initialisation: {name}'s shard on this rank is {tuple(local.shape)} "
+                                       f"but the kept rows are {tuple(kept[name].shape)}; set sharded_init=false")
+                local.copy_(kept.pop(name))
 
     def step(self, report: torch.Tensor | None = None) -> tuple[float, bool, list[float]]:
         self._shards.bind_grads()
