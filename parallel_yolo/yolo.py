@@ -140,6 +140,11 @@ def _ultralytics_defaults() -> dict[str, Any]:
     return DEFAULT_CFG_DICT
 
 
+# heads that are not a YOLO Detect, and why this version does not train them
+_OTHER_HEADS = {"RTDETRDecoder": "RT-DETR's decoder, which trains with a loss of its own (Hungarian matching and "
+                                 "denoising queries) that this version does not cover"}
+
+
 def _model_yaml(spec: str) -> str:
     """A local yaml path, or the name of a yaml Ultralytics ships (scale letters resolved by Ultralytics)."""
     from ultralytics.nn.tasks import yaml_model_load
@@ -154,8 +159,9 @@ def _model_yaml(spec: str) -> str:
     check_layers(layers, f"model={spec}")
     head = str((layers.get("head") or [[None, None, "?"]])[-1][2])
     if not head.endswith("Detect"):
-        raise ConfigError(f"model={spec}: its last layer is {head}, not a detection head (Detect); pass a detect "
-                          "yaml such as yolov8n.yaml")
+        why = _OTHER_HEADS.get(head, "not a detection head (Detect)")
+        raise ConfigError(f"model={spec}: its last layer is {head}, {why}; pass a YOLO detect yaml such as "
+                          "yolov8n.yaml")
     return spec
 
 

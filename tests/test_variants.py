@@ -92,10 +92,12 @@ def test_every_family_trains_consolidates_and_validates_or_is_refused(tmp_path):
     failed = {k: v for k, v in cells.items() if v.startswith("FAILED")}
     readme = (ROOT / "README.md").read_text()
     start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+    assert not failed, failed
     if os.environ.get("PARALLEL_YOLO_WRITE_README") == "1":
         (ROOT / "README.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
-    assert not failed, failed
-    assert re.sub(r"\s+", " ", readme[start:end]).strip() == re.sub(r"\s+", " ", text).strip(), \
-        "the README's family table is stale: run this test with PARALLEL_YOLO_WRITE_README=1"
+    else:
+        assert re.sub(r"\s+", " ", readme[start:end]).strip() == re.sub(r"\s+", " ", text).strip(), \
+            "the README's family table is stale: run this test with PARALLEL_YOLO_WRITE_README=1"
     # what the issue names as the point: no family is left unchecked, RT-DETR is refused before start
-    assert all(cells["rtdetr-l.yaml", name].startswith("refused: model=rtdetr-l.yaml") for name in STRATEGIES)
+    assert all(cells["rtdetr-l.yaml", name].startswith("refused: model=rtdetr-l.yaml: its last layer is RTDETRDecoder, "
+                                                       "RT-DETR's decoder") for name in STRATEGIES)
