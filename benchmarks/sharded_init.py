@@ -67,21 +67,22 @@ def _setup_worker(rank: int, world: int, port: int, model: str, name: str, shard
                           options={**preset(name), "sharded_init": sharded_init})
         numel, largest = _parts(model, strategy, cfg, sharded_init)
         peak = memory.peak_rss() - strategy.baseline_rss
-        states = sum(memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
-                                    master=strategy.master_copy, optimizer="SGD").values())
+        states = sum(memory.strategy_formula(strategy, numel=numel, optimizer="SGD").values())
         strategy.barrier()
     Path(out, f"{rank}.json").write_text(json.dumps({"peak": peak, "states": states, "largest": largest,
                                                      "whole": 4 * numel}))
 
 
 def _load_code(name: str, cfg) -> None:
-    """Import what the build and setup import (Ultralytics' model and trainer modules, DeepSpeed: ~60 and ~100 MiB
-    of code) before the baseline, so that what is measured above it is the model's memory."""
-    from parallel_yolo import yolo
+    """Import what the build and setup import (Ultralytics' model and trainer modules, FSDP and torch's meta-device
+    kernels, DeepSpeed: ~60, ~150 and ~100 MiB of code) before the baseline, with and without sharded_init, so that
+    what is measured above it is the model's memory."""
+    from parallel_yolo import memory, yolo
 
     yolo.hyp_namespace(cfg)
-    for module in ("ultralytics.engine.trainer", "ultralytics.nn.tasks"):
+    for module in ("ultralytics.engine.trainer", "ultralytics.nn.tasks", "torch.distributed.fsdp"):
         importlib.import_module(module)
+    memory.load_meta_kernels()  # also what FSDP's first fully_shard imports (~150 MiB) in a whole build
 
     if name.startswith("zero"):
         from parallel_yolo.strategies.deepspeed import import_deepspeed
@@ -153,9 +154,10 @@ def main(argv: list[str]) -> None:
                     worst = max(ranks, key=lambda r: r["peak"])
                     bound = worst["states"] + worst["largest"]
                     verdict = ("met" if worst["peak"] <= bound else "MISSED") if sharded_init else ""
-                    print(f"{model:34} {world:>2} {name:8} {str(sharded_init).lower():12} "
-                          f"{worst['peak'] / MIB:>10.0f} {worst['states'] / MIB:>7.0f} {worst['largest'] / MIB:>13.0f} "
-                          f"{bound / MIB:>7.0f} {worst['peak'] / bound:>10.2f} {worst['whole'] / MIB:>11.0f}  {verdict}",
+                    figures = (f"{worst['peak'] / MIB:>10.0f} {worst['states'] / MIB:>7.0f} "
+                               f"{worst['largest'] / MIB:>13.0f} {bound / MIB:>7.0f} {worst['peak'] / bound:>10.2f} "
+                               f"{worst['whole'] / MIB:>11.0f}")
+                    print(f"{model:34} {world:>2} {name:8} {str(sharded_init).lower():12} {figures}  {verdict}",
                           flush=True)
     if args["limit"] != "none":
         limit = _bytes(args["limit"])

@@ -110,8 +110,7 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
     result = {
         "rank": env.rank, "numel": numel, "images_per_rank": cfg.batch // env.world_size,
         "states": {k: states[f"{k}_bytes"] for k in memory.CATEGORIES},
-        "formula": memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
-                                  master=strategy.master_copy, optimizer=cfg.optimizer, muon_numel=muon_numel),
+        "formula": memory.strategy_formula(strategy, numel=numel, optimizer=cfg.optimizer, muon_numel=muon_numel),
         "forecast_activation_bytes": per_image * (cfg.batch // env.world_size),
         "peak_bytes": peaks["batch"], "peak_double_batch_bytes": peaks["double"], "peak_setup_bytes": peaks["setup"],
         "sent_bytes_per_step": round(sent), "sent_by_collective": dict(counter.bytes),

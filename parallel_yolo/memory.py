@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 __all__ = ["current_rss", "peak_rss", "reset_peak", "storage_bytes", "report", "formula", "release_freed",
-           "returning_freed_memory", "release_pages", "load_meta_kernels", "OPTIMIZER_STATES", "CATEGORIES"]
+           "returning_freed_memory", "release_pages", "load_meta_kernels", "strategy_formula", "OPTIMIZER_STATES",
+           "CATEGORIES"]
 
 CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
 """Model states by category; `master`: a separate full-precision copy of the weights (zero3_offload's, in CPU memory)."""
@@ -166,6 +167,12 @@ def report(*, params, master, grads, optimizer_state, ema, baseline: int, device
         out.update(peak_rss_bytes=peak_rss(), baseline_rss_bytes=baseline,
                    peak_above_baseline_bytes=peak_rss() - baseline)
     return out
+
+
+def strategy_formula(strategy, *, numel: int, optimizer: str, muon_numel: int = 0) -> dict[str, int]:
+    """`formula` for the ranks, sharding and master copy of `strategy` (a Strategy)."""
+    return formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
+                   master=strategy.master_copy, optimizer=optimizer, muon_numel=muon_numel)
 
 
 def formula(*, numel: int, world_size: int, sharded: frozenset[str], master: bool, optimizer: str,

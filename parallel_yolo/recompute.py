@@ -150,11 +150,11 @@ def choose(model: nn.Module, mode: str, *, strategy, optimizer: str, images: int
     if mode != "auto":
         return chosen_layers(model, mode), None
     numel = sum(strategy.full_shape(p).numel() for p in model.parameters())
-    states = sum(memory.formula(numel=numel, world_size=strategy.shard_ranks(), sharded=strategy.sharded,
-                                master=strategy.master_copy, optimizer="AdamW" if optimizer == "auto" else optimizer,
-                                muon_numel=numel).values())
+    states = sum(memory.strategy_formula(strategy, numel=numel, optimizer="AdamW" if optimizer == "auto" else optimizer,
+                                         muon_numel=numel).values())
+    profiled = profiled or profile(model, imgsz, full_shape=strategy.full_shape)
     try:
-        layers, peak = plan(profiled or profile(model, imgsz, full_shape=strategy.full_shape), images=images, states=states, budget=budget)
+        layers, peak = plan(profiled, images=images, states=states, budget=budget)
     except NoPlanFits as e:
         raise ConfigError(f"activation_checkpointing=auto: {e}, over budget={_size(budget)}; lower batch or "
                           f"imgsz, use more processes or a sharded strategy (zero3, fsdp), or raise budget") from None

@@ -79,9 +79,9 @@ class Trainer:
         model = yolo.build_model(spec, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
                                  verbose=False, keep=strategy.layer_keeper())
         self.stride = max(int(model.stride.max()), 32)
+        self.imgsz = self.hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=self.stride)
         layers, forecast = recompute.choose(model, cfg.activation_checkpointing, strategy=strategy,
-                                            optimizer=cfg.optimizer, images=self.micro,
-                                            imgsz=datamod.check_imgsz(cfg.imgsz, stride=self.stride),
+                                            optimizer=cfg.optimizer, images=self.micro, imgsz=self.imgsz,
                                             budget=cfg.budget_bytes)
         recomputed = recompute.apply(model, layers)
         if recomputed or forecast:
@@ -150,7 +150,6 @@ class Trainer:
 
     def _build_loaders(self) -> None:
         cfg, strategy = self.cfg, self.strategy
-        self.imgsz = self.hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=self.stride)
         self.workers = dist.loader_workers(cfg.workers, strategy.env)
         train_set = _on_main_first(strategy, lambda: datamod.build_dataset(
             self.hyp, self.data, "train", batch=self.local_batch, stride=self.stride, mode="train"))
