@@ -21,7 +21,10 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "rich>=13",  # `parallel-yolo compare` prints its table with it
+        "boto3>=1.34",  # upload=s3://... and resume=/val/consolidate from s3:// (AWS S3, MinIO ...)
     ],
-    extras_require={"test": ["pytest>=8", "onnx"]},  # onnx: the test that exports a consolidated .pt
+    # onnx: the test that exports a consolidated .pt; moto: a real S3-compatible server on 127.0.0.1 for the upload
+    # tests; tensorboard and mlflow-skinny: the logger integrations read back
+    extras_require={"test": ["pytest>=8", "onnx", "moto[server]>=5", "tensorboard>=2.14", "mlflow-skinny>=2.10"]},
     entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:run"]},
 )

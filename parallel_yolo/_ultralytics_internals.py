@@ -7,7 +7,10 @@ name, instead of training differently from Ultralytics without a word.
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +20,9 @@ from torch import nn
 from ._internals import changed, require
 
 __all__ = ["build_optimizer", "musgd_fields", "musgd_defaults", "muon_update", "mosaic_from_whole_dataset",
-           "model_class", "ema_decay", "validate_in_training_mode", "build_layer_by_layer"]
+           "model_class", "ema_decay", "validate_in_training_mode", "build_layer_by_layer", "trainer_events",
+           "trainer_method", "run_args", "integration_callbacks", "drop_model_graph", "system_metric_loggers",
+           "use_local_font"]
 
 
 def build_optimizer(model: nn.Module, *, hyp: Any, nc: int, name: str, lr: float, momentum: float, decay: float,
@@ -104,7 +109,7 @@ class _TrainerView:
         self.ema = SimpleNamespace(ema=model)
         self.loss_items = {k: torch.zeros((), device=device) for k in loss_names}
         self.amp = False  # the EMA weights are fp32; validate them in fp32 under every policy
-        self.epoch, self.epochs = 0, 1
+        self.epoch, self.epochs = 0, 1  # the final epoch: the validator then plots, if its args say so
         self.stopper = SimpleNamespace(possible_stop=False)
 
     @staticmethod
@@ -113,16 +118,107 @@ class _TrainerView:
 
 
 def validate_in_training_mode(validator, model: nn.Module, *, device: torch.device, data: dict,
-                              loss_names: tuple[str, ...], world_size: int) -> dict[str, float] | None:
+                              loss_names: tuple[str, ...], world_size: int, plots: bool) -> dict[str, float] | None:
     """Run a DetectionValidator as Ultralytics' trainer does between epochs (losses included; under a process group
-    it gathers every rank's statistics), on a stand-in for the trainer with what the validator reads of one."""
+    it gathers every rank's statistics), on a stand-in for the trainer with what the validator reads of one. With
+    `plots`, the validator plots (curves, confusion matrix, sample batches)."""
     view = _TrainerView(device=device, data=data, model=model, loss_names=loss_names, world_size=world_size)
+    validator.args.plots = plots  # the validator narrows it in place (`&=` the final epoch) on every call
     try:
         return validator(trainer=view)
     except AttributeError as error:
         raise changed("ultralytics", f"a trainer attribute DetectionValidator reads ({error})",
                       "validation during training") from None
 
+
+# ---- callbacks, loggers and plots -------------------------------------------------------------------------------
+# Ultralytics' usage analytics and its Platform upload send to Ultralytics' servers: never from this trainer
+_SENDS_TO_ULTRALYTICS = ("ultralytics.utils.events", "ultralytics.utils.callbacks.platform")
+_TENSORBOARD, _MLFLOW = "ultralytics.utils.callbacks.tensorboard", "ultralytics.utils.callbacks.mlflow"
+
+
+def trainer_events() -> tuple[str, ...]:
+    """The events Ultralytics' trainer fires (its default callbacks up to `teardown`; the rest are the validator's,
+    predictor's and exporter's)."""
+    from ultralytics.utils.callbacks.base import default_callbacks
+
+    events = tuple(default_callbacks)
+    if "teardown" not in events or "on_fit_epoch_end" not in events:
+        raise changed("ultralytics", "the trainer events of callbacks.base.default_callbacks", "callbacks")
+    return events[:events.index("teardown") + 1]
+
+
+def trainer_method(name: str, *, detection: bool = False) -> Callable:
+    """A method of Ultralytics' trainer (DetectionTrainer's with `detection`), to call on a stand-in that has the
+    attributes it reads (label_loss_items: loss_names; the plots: save_dir, on_plot, data, train_loader)."""
+    from ultralytics.engine.trainer import BaseTrainer
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    return require(DetectionTrainer if detection else BaseTrainer, name, "ultralytics", "the trainer's callbacks")
+
+
+def run_args(hyp: Any, *, save_dir: Path) -> Any:
+    """The trainer's `args` as Ultralytics' integrations read them: the run's hyper-parameters, with `name`, `project`
+    and `save_dir` those of the run folder actually used (train2 when train existed)."""
+    from copy import copy
+
+    args = copy(hyp)
+    args.save_dir, args.name, args.project = str(save_dir), Path(save_dir).name, str(Path(save_dir).parent)
+    return args
+
+
+def integration_callbacks(view) -> dict[str, list[Callable]]:
+    """Ultralytics' default callbacks plus those of the logger integrations its settings switch on, as
+    add_integration_callbacks gives a trainer (`view`'s class name holds 'Trainer'), without the two that send to
+    Ultralytics' servers."""
+    from ultralytics.utils.callbacks import base
+
+    view.callbacks = base.get_default_callbacks()
+    base.add_integration_callbacks(view)
+    if not any(getattr(f, "__module__", "") == _SENDS_TO_ULTRALYTICS[0] for fs in view.callbacks.values() for f in fs):
+        raise changed("ultralytics", f"the analytics callbacks in {_SENDS_TO_ULTRALYTICS[0]}", "callbacks that never "
+                      "send to Ultralytics' servers")
+    return defaultdict(list, {event: [f for f in functions if getattr(f, "__module__", "") not in _SENDS_TO_ULTRALYTICS]
+                              for event, functions in view.callbacks.items()})
+
+
+def drop_model_graph(callbacks: dict[str, list[Callable]]) -> bool:
+    """Remove TensorBoard's model-graph callback (it traces the whole model); True if it was there."""
+    kept = [f for f in callbacks.get("on_train_start", []) if getattr(f, "__module__", "") != _TENSORBOARD]
+    dropped = len(kept) != len(callbacks.get("on_train_start", []))
+    callbacks["on_train_start"] = kept
+    return dropped
+
+
+def system_metric_loggers() -> dict[str, list[Callable]]:
+    """Callbacks that send each optimizer step's `view.step_metrics` (as sys/NAME, x = the step) to the TensorBoard
+    writer and the MLflow run Ultralytics' integrations opened, when they did."""
+
+    def log_step(view) -> None:
+        scalars = {f"sys/{k}": float(v) for k, v in view.step_metrics.items()}
+        tensorboard, mlflow = sys.modules.get(_TENSORBOARD), sys.modules.get(_MLFLOW)
+        if tensorboard is not None and require(tensorboard, "WRITER", "ultralytics", "TensorBoard's writer"):
+            require(tensorboard, "_log_scalars", "ultralytics", "TensorBoard scalars")(scalars, view.step)
+        if mlflow is not None and getattr(view, "_mlflow_active", False):
+            sanitize = require(mlflow, "sanitize_dict", "ultralytics", "MLflow metric names")
+            require(mlflow, "mlflow", "ultralytics", "the MLflow module").log_metrics(sanitize(scalars), step=view.step)
+
+    return {"optimizer_step": [log_step]}
+
+
+def use_local_font() -> None:
+    """Ultralytics' plots label with Arial, downloaded on first use; with nothing to download, take it from
+    Ultralytics' config folder if a user put it there, else matplotlib's own DejaVu Sans (installed with it)."""
+    from matplotlib import font_manager
+    from ultralytics.utils import USER_CONFIG_DIR, plotting
+
+    require(plotting, "check_font", "ultralytics", "the plots' font")
+
+    def local_font(font: str = "Arial.ttf") -> Path:
+        mine = USER_CONFIG_DIR / Path(font).name
+        return mine if mine.exists() else Path(font_manager.findfont("DejaVu Sans"))
+
+    plotting.check_font = local_font
 
 
 # ---- sharded initialisation -----------------------------------------------------------------------------------------

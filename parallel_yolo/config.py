@@ -99,8 +99,17 @@ class TrainConfig:
     fraction: float = 1.0
     val: bool = True
     """Validate every epoch; the final epoch is always validated."""
-    plots: bool = False
-    """Ultralytics' plots need a font download, so they are off unless asked for."""
+    plots: bool = True
+    """Ultralytics' plots: train_batch*.jpg and labels.jpg at the start, the validator's curves, confusion matrix
+    and sample batches in the final epoch, results.png from results.csv at the end (a local font: nothing is
+    downloaded)."""
+    upload: str | None = None
+    """s3://bucket/prefix: mirror every checkpoint this run commits (weights/last, weights/best, checkpoints/step_N)
+    there in the background, the manifest last, keep_last applied there too. Endpoint and credentials the standard
+    AWS way: AWS_ENDPOINT_URL (MinIO, Ceph ...), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws."""
+    upload_wait: float = 600.0
+    """At the end of training, seconds to wait for uploads still pending (the store unreachable); then the run
+    ends with a warning naming what was not mirrored (the local checkpoints are complete)."""
     strategy: str | None = None
     """single, ddp, zero1, zero2, zero3, zero3_offload, fsdp, fsdp_grad_op, hsdp; default from the launcher."""
     precision: str | None = None
@@ -135,7 +144,7 @@ class TrainConfig:
         _positive(self, "epochs", "batch", "imgsz")
         _at_least(self, 0, "workers", "close_mosaic", "ckpt_every", "warmup_epochs", "lr0", "lrf", "weight_decay")
         _at_least(self, 1, "keep_last", "prefetch_factor")
-        _at_least(self, 0, "max_restarts")
+        _at_least(self, 0, "max_restarts", "upload_wait")
         if self.timeout < 10:
             raise ConfigError(f"timeout={self.timeout:g}: collectives need at least 10 seconds; e.g. timeout=600")
         _check_checkpointing(self.activation_checkpointing, compile=self.compile)
@@ -156,10 +165,14 @@ class TrainConfig:
             raise ConfigError(f"precision={self.precision}: unknown{_suggest(self.precision, PRECISIONS)}; "
                               f"choose one of {', '.join(PRECISIONS)}")
         self.optimizer = _optimizer_name(self.optimizer, OPTIMIZERS)
-        if isinstance(self.resume, str) and not Path(self.resume).exists():
+        if isinstance(self.resume, str) and not _exists("resume", self.resume):
             raise ConfigError(f"resume={self.resume}: not found; pass resume=true (the newest run under "
-                              f"project={self.project}), a run folder, or a checkpoint folder such as "
-                              "runs/detect/train/weights/last")
+                              f"project={self.project}), a run folder, a checkpoint folder such as "
+                              "runs/detect/train/weights/last, or an s3:// copy of either")
+        if self.upload is not None:
+            from .checkpoint.remote import check_url
+
+            check_url("upload", self.upload)
         if self.device is not None and self.device != "cpu" and not _is_cuda_spec(self.device):
             raise ConfigError(f"device={self.device}: use device=cpu, or leave it out to use CUDA when present")
 
@@ -205,6 +218,8 @@ class ValConfig:
     split: str = "val"
     conf: float | None = None
     iou: float = 0.7
+    plots: bool = True
+    """The validator's curves, confusion matrix and sample batches in the run folder."""
     nproc: int | None = None
     project: str = "runs/detect"
     name: str = "val"
@@ -214,9 +229,9 @@ class ValConfig:
         _positive(self, "batch")
         if self.imgsz is not None:
             _positive(self, "imgsz")
-        if not Path(self.checkpoint).exists():
+        if not _exists("checkpoint", self.checkpoint):
             raise ConfigError(f"checkpoint={self.checkpoint}: not found; pass a run's weights/last or weights/best "
-                              "folder, or a consolidated .pt")
+                              "folder (or its s3:// copy), or a consolidated .pt")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -231,7 +246,7 @@ class ConsolidateConfig:
     """ema (what Ultralytics evaluates and exports) or model (the raw trained weights)."""
 
     def __post_init__(self) -> None:
-        if not Path(self.checkpoint).is_dir():
+        if not (_exists("checkpoint", self.checkpoint) if is_url(self.checkpoint) else Path(self.checkpoint).is_dir()):
             raise ConfigError(f"checkpoint={self.checkpoint}: not a checkpoint folder; pass a run's weights/last, "
                               "weights/best or checkpoints/step_N")
 
@@ -426,6 +441,20 @@ def _unknown_key(key: str, known: set[str]) -> str:
         return (f"{key}: an Ultralytics key that parallel-yolo does not use (it would be silently ignored); "
                 f"remove it")
     return f"{key}: unknown key{_suggest(key, known)}; see `parallel-yolo help` for the keys"
+
+
+def is_url(path: Any) -> bool:
+    return str(path).startswith("s3://")
+
+
+def _exists(key: str, path: str) -> bool:
+    """A local path that exists, or a well-formed s3:// URL (read when it is used; checkpoint/remote.py)."""
+    if is_url(path):
+        from .checkpoint.remote import check_url
+
+        check_url(key, path)
+        return True
+    return Path(path).exists()
 
 
 def _check_checkpointing(mode: str, *, compile: bool) -> None:

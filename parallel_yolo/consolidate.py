@@ -21,6 +21,7 @@ __all__ = ["consolidate"]
 
 
 def consolidate(*, checkpoint: str, out: str, weights: str = "ema") -> Path:
+    from .checkpoint import remote
     from .validate import model_from_checkpoint
 
     target = Path(out)
@@ -28,7 +29,7 @@ def consolidate(*, checkpoint: str, out: str, weights: str = "ema") -> Path:
         raise ConfigError(f"out={out}: name a .pt (Ultralytics checkpoint) or a .safetensors file")
     if weights not in ("ema", "model"):
         raise ConfigError(f"weights={weights}: use weights=ema (what Ultralytics evaluates) or weights=model")
-    model, manifest = model_from_checkpoint(Path(checkpoint), weights=weights)
+    model, manifest = model_from_checkpoint(Path(remote.localize(checkpoint, key="checkpoint")), weights=weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:

@@ -16,9 +16,9 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["current_rss", "peak_rss", "reset_peak", "storage_bytes", "report", "formula", "release_freed",
-           "returning_freed_memory", "release_pages", "load_meta_kernels", "strategy_formula", "OPTIMIZER_STATES",
-           "CATEGORIES"]
+__all__ = ["current_rss", "peak_rss", "peak_bytes", "reset_peak", "storage_bytes", "report", "formula",
+           "release_freed", "returning_freed_memory", "release_pages", "load_meta_kernels", "strategy_formula",
+           "OPTIMIZER_STATES", "CATEGORIES"]
 
 CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
 """Model states by category; `master`: a separate full-precision copy of the weights (zero3_offload's, in CPU memory)."""
@@ -126,6 +126,11 @@ def peak_rss() -> int:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # not Linux: since the start, KiB
+
+
+def peak_bytes(device: torch.device) -> int:
+    """This process's peak memory so far: CUDA's peak allocated bytes on a GPU, the peak resident set on CPU."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
 
 
 def reset_peak(device: torch.device | None = None) -> None:

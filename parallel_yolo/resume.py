@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .checkpoint import remote
 from .config import ConfigError, TrainConfig, build, read_overrides
 
 __all__ = ["resolve", "run_folder_of", "candidates", "launch_record", "after_restart", "restart_count"]
@@ -61,7 +62,11 @@ def resolve(tokens: list[str], *, launched: bool, world_size: int,
 
 
 def checkpoint_to_resume(resume: bool | str, *, project: str) -> tuple[Path, dict[str, Any], list[str]]:
-    """(checkpoint folder, its verified manifest, why newer or named ones were passed over)."""
+    """(checkpoint folder, its verified manifest, why newer or named ones were passed over). An s3:// URL is fetched
+    first (its newest intact checkpoint, checkpoint/remote.py)."""
+    if remote.is_remote(resume):
+        folder = remote.fetch(str(resume))
+        return folder, checkpoint.load_manifest(folder), []
     if resume is True:
         runs = {m.parent.parent.parent for m in Path(project).glob("*/*/*/manifest.json")
                 if m.parent.parent.name in ("weights", "checkpoints")}

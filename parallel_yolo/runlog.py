@@ -1,4 +1,5 @@
-"""The run folder `{project}/{name}/`: args.yaml, results.csv (per epoch), steps.csv (per optimizer step).
+"""The run folder `{project}/{name}/`: args.yaml, results.csv (per epoch), steps.csv (per optimizer step: the losses,
+lr and grad norm, then images/s, step time, data wait, the peak memory over ranks and each rank's, in MiB).
 
 Only rank 0 writes; every other rank gets a RunLog that does nothing, so callers never check the rank.
 """
@@ -11,10 +12,11 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RunLog", "STEP_COLUMNS"]
+__all__ = ["RunLog", "STEP_COLUMNS", "PER_RANK"]
 
 STEP_COLUMNS = ("step", "epoch", "loss", "box_loss", "cls_loss", "dfl_loss", "lr", "grad_norm", "images_per_s",
-                "step_s", "data_s")
+                "step_s", "data_s", "peak_mib")
+PER_RANK = "peak_mib_rank"
 
 
 class RunLog:
@@ -53,7 +55,8 @@ class RunLog:
                     csv.writer(f).writerows(kept)
 
     def step(self, row: dict[str, Any]) -> None:
-        self._append("steps.csv", {k: row.get(k, "") for k in STEP_COLUMNS})
+        self._append("steps.csv", {**{k: row.get(k, "") for k in STEP_COLUMNS},
+                                   **{k: v for k, v in row.items() if k.startswith(PER_RANK)}})
 
     def epoch(self, row: dict[str, Any]) -> None:
         self._append("results.csv", row)
@@ -62,13 +65,20 @@ class RunLog:
         if not self.writer:
             return
         path = self.folder / file
-        header = self._headers.setdefault(file, list(row))
         new = not path.exists()
+        if file not in self._headers:  # a resumed run appends under the header its file already has
+            self._headers[file] = (_header_of(path) if not new else None) or list(row)
+        header = self._headers[file]
         with open(path, "a", newline="") as f:
             out = csv.DictWriter(f, fieldnames=header, extrasaction="ignore")
             if new:
                 out.writeheader()
             out.writerow({k: _fmt(row.get(k, "")) for k in header})
+
+
+def _header_of(path: Path) -> list[str] | None:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), None)
 
 
 def _fmt(value: Any) -> Any:

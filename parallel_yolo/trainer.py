@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, data as datamod, dist, memory, recompute, yolo
-from .checkpoint import rng, state as ckpt_state
+from . import callbacks, checkpoint, data as datamod, dist, memory, recompute, yolo
+from .checkpoint import remote, rng, state as ckpt_state
 from .config import ConfigError, TrainConfig, Unanimous
 from .heartbeat import progress
 from .precision import policy
@@ -117,13 +117,17 @@ class Trainer:
         if launch_record is not None and strategy.is_main:
             launch_record.parent.mkdir(parents=True, exist_ok=True)
             launch_record.write_text(str(Path(folder).resolve()))
+        self.mirror = remote.mirror(cfg.upload, run=folder, keep_last=cfg.keep_last, active=strategy.is_main)
         self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
                              "world_size": strategy.world_size, "imgsz": self.imgsz})
         self.evaluator = Evaluator(loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
                                    device=self.device, world_size=strategy.world_size)
+        self.hooks = callbacks.Hooks(self, save_dir=folder, active=strategy.is_main, plots=cfg.plots,
+                                     sharded_params="params" in strategy.sharded)
 
-    def _resume(self) -> Path:
-        """Load the checkpoint `resume=` resolved to (each rank reads only its ranges); returns the run folder."""
+    def _resume(self) -> Path | None:
+        """Load the checkpoint `resume=` resolved to (each rank reads only its ranges); returns the run folder (None:
+        a new one)."""
         from .resume import run_folder_of
 
         folder, manifest = Path(self.cfg.resume), self.manifest
@@ -146,6 +150,8 @@ class Trainer:
                 self.criterion.update()  # end-to-end heads decay their one-to-many weight once per epoch
         self._say(f"resumed from {folder}: {manifest['strategy']} x{manifest['world_size']} at step {self.step}, "
                   f"epoch {manifest['epoch'] + 1} batch {manifest['batch']} (loaded in {loaded:.2f}s, slowest rank)")
+        if remote.is_fetched(folder):  # a copy fetched from the store: the run goes on in a new run folder
+            return None
         return run_folder_of(folder) or folder.parent
 
     def _build_loaders(self) -> None:
@@ -167,10 +173,26 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any] | None:
-        cfg, strategy = self.cfg, self.strategy
+        """Train; the callbacks' `teardown` runs however it ends."""
+        finished = False
+        try:
+            metrics = self._fit()
+            finished = True
+            return metrics
+        finally:
+            # the queued uploads first (after a failure too: the last good checkpoints are what a restart needs)
+            self.mirror.close(self.cfg.upload_wait if finished else min(self.cfg.upload_wait, 60.0))
+            self.hooks.fire("teardown")
+
+    def _fit(self) -> dict[str, Any] | None:
+        cfg, strategy, hooks = self.cfg, self.strategy, self.hooks
         self._say(f"{strategy.name} x{strategy.world_size} on {self.device.type}, {strategy.precision.name}, "
                   f"batch {cfg.batch} ({self.local_batch}/process, micro-batch {self.micro}), imgsz {self.imgsz}, "
                   f"accumulate {self.accumulate}, run folder {self.log.folder}")
+        hooks.fire("on_pretrain_routine_start")
+        hooks.fire("on_pretrain_routine_end")
+        hooks.plot_labels()
+        hooks.fire("on_train_start", epoch=self.position[0])
         metrics, stop, start = None, False, time.time()
         first_epoch, first_batch = self.position
         for epoch in range(first_epoch, cfg.epochs):
@@ -182,15 +204,22 @@ class Trainer:
                 # persistent workers hold a copy of the dataset made when they started: new workers see the change
                 self.train_loader = self._train_loader(self.train_loader.dataset.dataset)
             self.train_loader.sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
+            hooks.fire("on_train_epoch_start", epoch=epoch)
+            epoch_start = time.time()
             epoch_loss, stop = self._train_epoch(epoch)
             if hasattr(self.criterion, "update"):
                 self.criterion.update()
+            hooks.fire("on_train_epoch_end", tloss=epoch_loss, epoch_time=time.time() - epoch_start)
             self.ema.update_attr()
             final = stop or epoch + 1 == cfg.epochs
-            metrics = self._validate() if cfg.val or final else None
+            metrics = self._validate(final=final) if cfg.val or final else None
             self._end_epoch(epoch, epoch_loss, metrics, time.time() - start, done=not stop and epoch + 1 == cfg.epochs)
+            hooks.fire("on_fit_epoch_end", metrics={k: v for k, v in (metrics or {}).items() if k != "fitness"},
+                       fitness=(metrics or {}).get("fitness"), stop=final, epoch_time=time.time() - epoch_start)
             if final:
                 break
+        hooks.plot_results()
+        hooks.fire("on_train_end")
         self._write_memory()
         self._say(f"done in {time.time() - start:.1f}s: " + _summary(metrics))
         self._say(self._data_wait_report())
@@ -232,16 +261,24 @@ class Trainer:
             progress(f"epoch {epoch + 1} iteration {i + 1}/{nb}, after step {self.step}")
             accumulate = self.schedule.warmup(self.groups, ni, epoch)
             stepping = ni - self.last_opt >= accumulate
+            self.hooks.fire("on_train_batch_start")
+            if ni < 3:  # Ultralytics plots the run's first three batches
+                self.hooks.plot_batch(batch, ni)
             parts = micro_batches(batch, micro=self.micro, device=self.device, channels_last=self.channels_last)
             items, names = forward_backward(self.strategy, self.criterion, parts, sync=stepping)
             self.loss_names = names or self.loss_names
             sums, window, seen = sums + items, window + items, seen + 1
             if not stepping:
+                self.hooks.fire("on_train_batch_end")
                 continue
             iterations = ni - self.last_opt
-            report = torch.cat([strategy.all_reduce(window / iterations, mean=True), sums / seen])
-            norm, stepped, values = strategy.step(report)
-            losses, shown = values[:len(window)], values[len(window):]
+            # every rank's peak memory rides in the losses' all-reduce: each adds world x its own in its own slot
+            peaks = torch.zeros(strategy.world_size)
+            peaks[strategy.rank] = memory.peak_bytes(self.device) / 2**20 * strategy.world_size
+            mean = strategy.all_reduce(torch.cat([window / iterations, peaks.to(self.device)]), mean=True)
+            norm, stepped, values = strategy.step(torch.cat([mean, sums / seen]))
+            n = len(window)
+            losses, peak_mib, shown = values[:n], values[n:n + strategy.world_size], values[n + strategy.world_size:]
             if not stepped:
                 self._say(f"step {self.step + 1}: non-finite gradient norm ({norm}); optimizer step skipped")
             self.ema.update()  # as Ultralytics: the EMA follows even a skipped step
@@ -252,9 +289,13 @@ class Trainer:
             self.time_in_steps, self.time_waiting = self.time_in_steps + elapsed, self.time_waiting + waited
             if strategy.is_main:
                 bar.set_postfix(**{k: f"{v:.3f}" for k, v in zip(self.loss_names, shown)})
+            system = {"images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9), "step_s": elapsed,
+                      "data_s": waited, "peak_mib": max(peak_mib),
+                      **{f"peak_mib_rank{r}": round(p, 1) for r, p in enumerate(peak_mib)}}
             self.log.step({"step": self.step, "epoch": epoch + 1, "loss": sum(losses), "lr": self.groups[0]["lr"],
-                           "grad_norm": norm, "images_per_s": iterations * self.cfg.batch / max(elapsed, 1e-9),
-                           "step_s": elapsed, "data_s": waited, **dict(zip(self.loss_names, losses))})
+                           "grad_norm": norm, **system, **dict(zip(self.loss_names, losses))})
+            self.hooks.fire("optimizer_step", step_metrics=system, tloss=dict(zip(self.loss_names, shown)))
+            self.hooks.fire("on_train_batch_end")
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
                 self._save(self.log.folder / "checkpoints" / f"step_{self.step}", fitness=None)
                 if strategy.is_main:
@@ -267,9 +308,9 @@ class Trainer:
         return torch.zeros(len(self.loss_names), device=self.device)
 
     # ---- validation, logging, saving ---------------------------------------------------------------------------
-    def _validate(self) -> dict[str, Any] | None:
+    def _validate(self, *, final: bool) -> dict[str, Any] | None:
         progress(f"validation after step {self.step}")
-        metrics = self.evaluator(self.ema.full_model(), self.loss_names)
+        metrics = self.evaluator(self.ema.full_model(), self.loss_names, final=final)
         return self.strategy.broadcast_object(metrics)
 
     def _end_epoch(self, epoch: int, losses: dict[str, float], metrics: dict | None, elapsed: float, *,
@@ -286,6 +327,8 @@ class Trainer:
         self._save(weights / "last", fitness=fitness, done=done)
         if improved:  # the same state: linked, not written again
             ckpt_state.save_copy(weights / "last", weights / "best", strategy=self.strategy)
+            self.mirror.add(weights / "best")
+        self.hooks.fire("on_model_save", epoch=epoch)
 
     def _snapshot_buffers(self) -> None:
         """BatchNorm buffers as of the last optimizer step. A checkpoint holds the state at that step and resumes at
@@ -308,6 +351,7 @@ class Trainer:
             "model_yaml": model.yaml, "nc": self.data["nc"], "names": self.data["names"], "imgsz": self.imgsz,
             "train_args": self.cfg.to_dict()})
         self._say(f"saved {folder} in {time.time() - start:.2f}s")
+        self.mirror.add(folder)
 
     def _say(self, message: str) -> None:
         if self.strategy.is_main:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._ultralytics_internals import validate_in_training_mode
+from ._ultralytics_internals import use_local_font, validate_in_training_mode
 from .config import ConfigError
 
 __all__ = ["Evaluator", "run_val", "load_for_eval", "model_from_checkpoint"]
@@ -25,21 +25,25 @@ class Evaluator:
         from ultralytics.models.yolo.detect import DetectionValidator
 
         args = copy(hyp)
-        args.plots = bool(hyp.plots)
+        self.plots = args.plots = bool(hyp.plots)
+        if self.plots:
+            use_local_font()
         self.validator = DetectionValidator(loader, save_dir=Path(save_dir), args=args)
         self.data, self.device, self.world_size = data, device, world_size
 
     def metric_keys(self, loss_names: tuple[str, ...]) -> list[str]:
         return [*self.validator.metrics.keys, *(f"val/{k}" for k in loss_names)]
 
-    def __call__(self, model: nn.Module, loss_names: tuple[str, ...]) -> dict[str, float] | None:
-        """Metrics (with 'fitness') on rank 0; None on the other ranks."""
+    def __call__(self, model: nn.Module, loss_names: tuple[str, ...], *, final: bool = True) -> dict[str, float] | None:
+        """Metrics (with 'fitness') on rank 0; None on the other ranks. With plots on, the validator plots in the
+        `final` validation only, as in Ultralytics' trainer."""
         if getattr(model, "criterion", None) is None:
             model.criterion = model.init_criterion()
         was_training = model.training
         try:
             return validate_in_training_mode(self.validator, model, device=self.device, data=self.data,
-                                             loss_names=loss_names, world_size=self.world_size)
+                                             loss_names=loss_names, world_size=self.world_size,
+                                             plots=self.plots and final)
         finally:
             model.train(was_training)
 
@@ -86,10 +90,12 @@ def run_val(cfg) -> dict[str, float] | None:
 
 def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
     """(DetectionModel with the checkpoint's EMA weights, its training args) from a checkpoint folder (read
-    straight from the shards, whatever strategy and world size wrote them) or a consolidated .pt."""
+    straight from the shards, whatever strategy and world size wrote them; an s3:// one is fetched first) or a
+    consolidated .pt."""
+    from .checkpoint import remote
     from .yolo import load_local_pt
 
-    path = Path(source)
+    path = Path(remote.localize(source, key="checkpoint"))
     if path.is_dir():
         model, manifest = model_from_checkpoint(path, weights="ema")
         return model, {**manifest["train_args"], "imgsz": manifest.get("imgsz")}
@@ -128,6 +134,6 @@ def _eval_hyp(cfg, trained: dict[str, Any]) -> Any:
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
     keep = {k: v for k, v in trained.items() if k in DEFAULT_CFG_DICT}
-    keep.update(task="detect", mode="val", plots=False, split=cfg.split, conf=cfg.conf, iou=cfg.iou,
+    keep.update(task="detect", mode="val", plots=cfg.plots, split=cfg.split, conf=cfg.conf, iou=cfg.iou,
                 batch=cfg.batch, device=None, save_json=False)
     return get_cfg(overrides=keep)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Augmentations off: with them, every process draws its own random crops, so runs could not be compared.
 NO_AUGMENT = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "translate=0", "scale=0"]
-TINY = ["model=yolov8n.yaml", "data=demo", "imgsz=64", "epochs=1", "workers=0", "seed=0"]
+TINY = ["model=yolov8n.yaml", "data=demo", "imgsz=64", "epochs=1", "workers=0", "seed=0", "plots=false"]
 
 
 # The suite's time budget. Tests marked `extended` (further members of a slow family whose representative runs in
@@ -77,6 +77,12 @@ def pytest_configure(config):
     os.environ["PARALLEL_YOLO_STRICT_DEVICE"] = "1"
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
+    # Ultralytics settings of the suite's own, its logger integrations off: the default (mlflow=True) would import
+    # MLflow into every training of the suite (~2 s each); tests/test_callbacks.py switches them on in its own folder
+    os.environ["YOLO_CONFIG_DIR"] = str(cache / "ultralytics-settings")
+    from ultralytics.utils import SETTINGS
+
+    SETTINGS.update({key: False for key in ("mlflow", "tensorboard", "wandb", "clearml", "comet", "dvc", "raytune")})
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None, module: bool = True

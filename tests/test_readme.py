@@ -26,5 +26,8 @@ def test_readme_opens_with_install_and_test_commands():
 def test_every_readme_command_runs(readme_demo):
     demo = read_csv(readme_demo / "runs" / "detect" / "train" / "results.csv")[-1]
     assert float(demo["metrics/mAP50(B)"]) > 0.5, demo
+    for plot in ("results.png", "labels.jpg", "train_batch0.jpg", "BoxPR_curve.png", "confusion_matrix.png",
+                 "val_batch0_pred.jpg"):  # plots by default, drawn with no network
+        assert (readme_demo / "runs" / "detect" / "train" / plot).stat().st_size > 1000, plot
     for command in readme_commands()[1:]:
         print(f"{run_readme_command(command, readme_demo):6.1f}s  {command}")

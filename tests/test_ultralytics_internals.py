@@ -109,7 +109,8 @@ def test_validator_runs_in_training_mode_on_the_trainer_stand_in(model_and_hyp, 
     model.criterion = model.init_criterion()
     names = ("box_loss", "cls_loss", "dfl_loss")
     metrics = internals.validate_in_training_mode(DetectionValidator(loader, save_dir=tmp_path, args=hyp), model,
-                                                  device=torch.device("cpu"), data=spec, loss_names=names, world_size=1)
+                                                  device=torch.device("cpu"), data=spec, loss_names=names, world_size=1,
+                                                  plots=False)
     assert "fitness" in metrics and {"val/box_loss", "val/cls_loss", "val/dfl_loss"} <= set(metrics)
 
 

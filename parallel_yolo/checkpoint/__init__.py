@@ -23,11 +23,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, Unanimous
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: the uploader process (remote.py) needs none
+    import torch
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Slab", "begin", "write_shard", "commit", "duplicate", "abort",
            "rotate", "load_manifest", "newest_intact", "Reader"]
@@ -248,6 +249,8 @@ class Reader:
                 out[start - lo:stop - lo].copy_(piece)
 
     def full(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        import torch
+
         shape = self.shape(key)
         file, a, _ = self.tensors[key]["parts"][0]
         dtype = dtype or self._file(file).get_slice(f"{key}@{a}")[0:0].dtype

@@ -1,0 +1,193 @@
+"""upload=s3://...: checkpoints mirrored to a real S3-compatible server (moto's, on 127.0.0.1, started here), with the
+store stopped mid-run, and read back by resume=, val and consolidate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CKPT_RUN, check, free_port, read_csv, run_cli, start_cli, wait_until
+from parallel_yolo import checkpoint
+from parallel_yolo.checkpoint import remote, rng
+from parallel_yolo.config import ConfigError
+
+BUCKET = "pyolo-test"
+
+
+class Store:
+    """moto's S3 server in this process, stoppable and restartable on the same port (its objects survive)."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self.port, self.server_class = free_port(), ThreadedMotoServer
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        self.server = self.server_class(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}"}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"], aws_access_key_id="test",
+                            aws_secret_access_key="test", region_name="us-east-1")
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@pytest.fixture(scope="module")
+def store():
+    pytest.importorskip("moto.server")
+    s = Store()
+    saved = {k: os.environ.get(k) for k in s.env}
+    os.environ.update(s.env)
+    yield s
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    s.stop()
+
+
+def fake_checkpoint(folder: Path, step: int, numel: int = 1000) -> Path:
+    """A complete one-rank checkpoint whose tensor holds `step` everywhere."""
+    tmp = checkpoint.begin(folder)
+    entry = checkpoint.write_shard(tmp, 0, [checkpoint.Slab("model/w", (numel,), 0, numel,
+                                                            torch.full((numel,), float(step)))])
+    return checkpoint.commit(tmp, folder, {"step": step, "world_size": 1, "ranks": [{"rng": rng.capture()}]}, [entry])
+
+
+def test_mirror_keeps_the_last_few_and_fetch_takes_the_newest(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("PARALLEL_YOLO_CACHE", str(tmp_path / "cache"))
+    run, url = tmp_path / "run", f"s3://{BUCKET}/unit/run"
+    mirror = remote.Mirror(url, run=run, keep_last=2)
+    for step in (1, 2, 3):
+        mirror.add(fake_checkpoint(run / "checkpoints" / f"step_{step}", step))
+    mirror.add(fake_checkpoint(run / "weights" / "last", 3))
+    checkpoint.duplicate(run / "weights" / "last", run / "weights" / "best")
+    mirror.add(run / "weights" / "best")
+    assert mirror.close(wait=60) == []
+    folders = {k.rsplit("/", 1)[0] for k in store.keys("unit/run/")}
+    assert folders == {f"unit/run/{f}" for f in ("checkpoints/step_2", "checkpoints/step_3", "weights/last",
+                                                 "weights/best")}, folders
+    assert not (run / ".upload").exists()
+    head = store.client().head_object(Bucket=BUCKET, Key="unit/run/weights/best/rank00000.safetensors")
+    assert head["Metadata"]["sha256"] == checkpoint.load_manifest(run / "weights" / "best")["files"][
+        "rank00000.safetensors"]["sha256"]
+    local = remote.fetch(url)  # a run prefix: the newest complete checkpoint
+    assert checkpoint.load_manifest(local)["step"] == 3 and remote.is_fetched(local)
+    assert remote.fetch(f"{url}/checkpoints/step_2") == Path(tmp_path / "cache" / "s3" / BUCKET / "unit/run/"
+                                                             "checkpoints/step_2")
+    # a run folder mirrored afresh (a resumed run, another prefix): what it holds goes first, without being asked
+    assert remote.Mirror(f"s3://{BUCKET}/unit/again", run=run, keep_last=2).close(wait=60) == []
+    assert {k.rsplit("/", 1)[0] for k in store.keys("unit/again/")} == {f.replace("/run/", "/again/") for f in folders}
+
+
+def test_a_half_uploaded_checkpoint_never_counts(store, tmp_path, monkeypatch, capfd):
+    """An upload that dies after the data files and before the manifest: the store shows no complete weights/last
+    (not the previous version's manifest beside the new files either), and fetch falls back to what is complete."""
+    monkeypatch.setenv("PARALLEL_YOLO_CACHE", str(tmp_path / "cache"))
+    run, url = tmp_path / "run", f"s3://{BUCKET}/half/run"
+    mirror = remote.Mirror(url, run=run, keep_last=3)
+    mirror.add(fake_checkpoint(run / "checkpoints" / "step_1", 1))
+    mirror.add(fake_checkpoint(run / "weights" / "last", 1))
+    assert mirror.close(wait=60) == []
+
+    put = remote._Uploader._put
+
+    def dies_after_the_data(self, path, key, sha256, size):
+        put(self, path, key, sha256, size)
+        raise ConnectionError("the store went away")
+
+    # the uploader process's work, here in this process to make its connection die
+    monkeypatch.setattr(remote._Uploader, "_put", dies_after_the_data)
+    uploader = remote._Uploader(url, keep_last=3)
+    uploader.add("weights/last", shutil.copytree(fake_checkpoint(run / "weights" / "last", 2, numel=2000),
+                                                 tmp_path / "stage"))
+    assert uploader.close(wait=3) == ["weights/last"]
+    keys = store.keys("half/run/weights/last/")
+    assert keys == ["half/run/weights/last/rank00000.safetensors"], keys  # the data, and no manifest
+    assert "upload of weights/last" in capfd.readouterr().err
+    assert checkpoint.load_manifest(remote.fetch(url))["step"] == 1  # step_1: the only complete one
+    mirror = remote.Mirror(url, run=run, keep_last=3)  # and a later run mirrors it completely, unasked
+    assert mirror.close(wait=60) == []
+    assert checkpoint.load_manifest(remote.fetch(url))["step"] == 2
+
+
+def test_urls_are_checked_up_front(store, monkeypatch):
+    for bad in ("s3://", "s3://ab/x", "s3://bad_bucket/x"):
+        with pytest.raises(ConfigError, match="expected s3://BUCKET/PREFIX"):
+            remote.check_url("upload", bad)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match="no AWS credentials"):
+        remote.check_url("upload", f"s3://{BUCKET}/x")
+
+
+@pytest.mark.slow
+def test_training_mirrors_through_a_stopped_store_and_resumes_from_it(store, tmp_path):
+    """2 processes, fsdp, a checkpoint every step; the store is stopped after the first save and started again once
+    an upload has failed: training goes on, the upload is retried with a warning, the store ends with keep_last
+    complete step folders and weights/last, and resume=s3://... continues exactly as resume= from the local copy."""
+    url = f"s3://{BUCKET}/runs/a"
+    process = start_cli("train", *CKPT_RUN, "strategy=fsdp", "nproc=2", "ckpt_every=1", "keep_last=2",
+                        f"upload={url}", f"project={tmp_path}", "name=a", cwd=tmp_path)
+    run = tmp_path / "a"
+    try:
+        wait_until(lambda: (run / "checkpoints" / "step_1" / "manifest.json").exists(), process)
+        store.stop()
+        stopped = time.time()  # a few steps' saves meet a stopped store
+        while time.time() - stopped < 5 and process.poll() is None:
+            time.sleep(0.1)
+    finally:
+        store.start()
+    out, errors = process.communicate(timeout=600)
+    assert process.returncode == 0, errors[-4000:]
+    assert "upload of" in errors and "failed" in errors and "retrying" in errors, errors[-3000:]
+    assert "done after" in errors, errors[-3000:]
+    assert len(read_csv(run / "steps.csv")) == 6  # training went on: every step ran
+    keys = store.keys("runs/a/")
+    steps = sorted({k.split("/")[3] for k in keys if k.startswith("runs/a/checkpoints/")})
+    assert steps == ["step_5", "step_6"], keys
+    for folder in ("checkpoints/step_5", "checkpoints/step_6", "weights/last"):
+        manifest = json.loads(store.client().get_object(Bucket=BUCKET, Key=f"runs/a/{folder}/manifest.json")
+                              ["Body"].read())
+        assert manifest == checkpoint.load_manifest(run / folder), folder
+    assert not (run / ".upload").exists()
+
+    # step 6 again, resumed from the store's step_5 and from a local copy (each mirroring to a prefix of its own)
+    shutil.copytree(run / "checkpoints" / "step_5", tmp_path / "local" / "step_5")
+    for name, source in (("local", tmp_path / "local" / "step_5"), ("s3", f"{url}/checkpoints/step_5")):
+        check(run_cli("train", f"resume={source}", "max_steps=6", f"project={tmp_path}", f"name={name}",
+                      f"upload=s3://{BUCKET}/runs/{name}", cwd=tmp_path))
+    local, fetched = read_csv(tmp_path / "local" / "steps.csv"), read_csv(tmp_path / "s3" / "steps.csv")
+    assert [r["step"] for r in fetched] == ["6"]
+    assert [r["loss"] for r in fetched] == [r["loss"] for r in local] == [read_csv(run / "steps.csv")[-1]["loss"]]
+    assert "runs/s3/weights/last/manifest.json" in store.keys("runs/s3/")
+    # val and consolidate read the store too
+    check(run_cli("val", f"checkpoint={url}/weights/last", "imgsz=64", "batch=8", "workers=0",
+                  f"project={tmp_path}", "name=val", cwd=tmp_path))
+    check(run_cli("consolidate", f"checkpoint={url}/weights/last", f"out={tmp_path / 'last.pt'}", cwd=tmp_path))
+    assert (tmp_path / "last.pt").stat().st_size > 0
