@@ -169,3 +169,17 @@ def test_integrations_never_send_to_ultralytics():
     table = ul.integration_callbacks(FakeTrainer())
     modules = {getattr(f, "__module__", "") for fs in table.values() for f in fs}
     assert not modules & {"ultralytics.utils.events", "ultralytics.utils.callbacks.platform"}, modules
+
+
+def test_system_metrics_go_nowhere_where_the_integrations_did_not_start():
+    """Under pytest and CI Ultralytics' TensorBoard module has no writer at all, and MLflow opened no run: the
+    per-step logger passes (the suite's README run found it raising in every training with tensorboard=True)."""
+    from types import SimpleNamespace
+
+    import ultralytics.utils.callbacks.mlflow  # noqa: F401
+    import ultralytics.utils.callbacks.tensorboard  # noqa: F401
+
+    from parallel_yolo import _ultralytics_internals as ul
+
+    (log_step,) = ul.system_metric_loggers()["optimizer_step"]
+    log_step(SimpleNamespace(step=1, step_metrics={"images_per_s": 1.0, "peak_mib_rank0": 2.0}))

@@ -157,7 +157,7 @@ class _Uploader:
         self.client = _client()
         self.known: dict[str, str] = {}  # sha256 -> a key that held those bytes when last seen
         self.pending: dict[str, Path] = {}  # remote folder (weights/last ...) -> staged files, in arrival order
-        self.failures: dict[str, int] = {}
+        self.failing = 0  # attempts failed in a row, whatever the folder: the pause grows while the store is away
         self.closing, self.busy = False, None
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._work, name="parallel_yolo-upload", daemon=True)
@@ -198,7 +198,6 @@ class _Uploader:
                 name, stage = next(iter(self.pending.items()))
                 self.busy = name
                 del self.pending[name]
-            attempt = self.failures.get(name, 0)
             try:
                 if not ready:
                     self._ensure_bucket()
@@ -207,15 +206,15 @@ class _Uploader:
                 if _step(name) is not None:
                     self._rotate()
                 shutil.rmtree(stage, ignore_errors=True)
-                if attempt:
-                    print(f"parallel-yolo: upload of {name} to {self.url} done after {attempt + 1} attempts",
-                          file=sys.stderr, flush=True)
-                self.failures.pop(name, None)
+                if self.failing:
+                    print(f"parallel-yolo: upload: the store answers again; {name} mirrored to {self.url} after "
+                          f"{self.failing} failed attempts", file=sys.stderr, flush=True)
+                self.failing = 0
             except Exception as error:  # noqa: BLE001 - any failure of the store: warn, retry, never stop training
-                pause = _RETRY_S[min(attempt, len(_RETRY_S) - 1)]
+                pause = _RETRY_S[min(self.failing, len(_RETRY_S) - 1)]
                 _warn(f"upload of {name} to {self.url} failed ({type(error).__name__}: {error}); retrying in "
                       f"{pause}s, training goes on")
-                self.failures[name] = attempt + 1
+                self.failing += 1
                 with self.lock:
                     if name in self.pending:  # a newer version came meanwhile: it goes instead
                         shutil.rmtree(stage, ignore_errors=True)
