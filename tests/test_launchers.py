@@ -34,7 +34,7 @@ def _accelerate(config: str, *tokens: str, workdir):
 @pytest.mark.slow
 # one DeepSpeed and one FSDP config by default (the README runs the ddp one); the others read the same keys
 @pytest.mark.parametrize("config,strategy", [
-    (c, s) if c in {"cpu_fsdp_2proc", "cpu_zero2_2proc"} else pytest.param(c, s, marks=pytest.mark.extended)
+    (c, s) if c == "cpu_fsdp_2proc" else pytest.param(c, s, marks=pytest.mark.extended)  # the README: cpu_ddp_2proc
     for c, s in CPU_CONFIGS.items()], ids=CPU_CONFIGS)
 def test_accelerate_cpu_config_launches_two_processes(config, strategy, workdir):
     check(_accelerate(config, *SHORT, workdir=workdir))
@@ -71,6 +71,7 @@ def test_direct_launch(extra, world, strategy, workdir):
     _finished(workdir, world, strategy)
 
 
+@pytest.mark.extended  # tests/checkpoint/test_remote.py's training checks the same rotation (ckpt_every=1, keep_last=2)
 def test_periodic_checkpoints_rotate(workdir):
     check(run_cli("train", *SHORT[:-3], "max_steps=5", "batch=8", "nbs=8", "ckpt_every=1", "keep_last=2", "val=false",
                   "project=runs", "name=run", cwd=workdir))
