@@ -24,7 +24,7 @@ from ._ultralytics_internals import mosaic_from_whole_dataset
 from .config import ConfigError, Unanimous
 
 __all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
-           "preprocess", "split_batch", "Timed"]
+           "preprocess", "split_batch", "Timed", "wait_report"]
 
 DEMO_CLASSES = {0: "square", 1: "circle", 2: "triangle"}
 DEMO_VERSION = 1
@@ -250,6 +250,20 @@ class SeededSamples(Dataset):
         if name == "dataset":  # not set yet (unpickling in a worker): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)  # labels, collate_fn, ...: the YOLODataset's own
+
+
+def wait_report(ranks: list[tuple[float, float]], *, workers: int) -> str:
+    """How much of the training time the slowest rank waited for its loader ((waited, total) seconds per rank), with
+    advice when it matters."""
+    from .dist import available_cores
+
+    waited, total = max(ranks, key=lambda pair: pair[0] / max(pair[1], 1e-9))
+    share = waited / total if total else 0.0
+    line = f"data loading: waited {waited:.1f}s of {total:.1f}s training ({share:.1%}, slowest rank)"
+    if share > 0.1:
+        line += (f"; the loader does not keep up: raise workers= (now {workers} per process, {available_cores()} "
+                 "cores here), cache=ram, or a smaller imgsz")
+    return line
 
 
 def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: int, seed: int,

@@ -13,12 +13,13 @@ import contextlib
 import functools
 import resource
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 
-__all__ = ["current_rss", "peak_rss", "peak_bytes", "reset_peak", "storage_bytes", "report", "formula",
-           "release_freed", "returning_freed_memory", "release_pages", "load_meta_kernels", "strategy_formula",
-           "OPTIMIZER_STATES", "CATEGORIES"]
+__all__ = ["current_rss", "peak_rss", "peak_bytes", "rank_peaks", "write_report", "reset_peak", "storage_bytes",
+           "report", "formula", "release_freed", "returning_freed_memory", "release_pages", "load_meta_kernels",
+           "strategy_formula", "OPTIMIZER_STATES", "CATEGORIES"]
 
 CATEGORIES = ("params", "master", "grads", "optimizer_state", "ema")
 """Model states by category; `master`: a separate full-precision copy of the weights (zero3_offload's, in CPU memory)."""
@@ -131,6 +132,25 @@ def peak_rss() -> int:
 def peak_bytes(device: torch.device) -> int:
     """This process's peak memory so far: CUDA's peak allocated bytes on a GPU, the peak resident set on CPU."""
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+
+
+def rank_peaks(device: torch.device, *, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's peak memory (MiB) times `world_size` in slot `rank` of a zero vector on `device`: averaged over
+    ranks in an all-reduce that runs anyway (the trainer's, of the step's losses), every slot arrives as that rank's
+    peak, with no collective of its own."""
+    peaks = torch.zeros(world_size)
+    peaks[rank] = peak_bytes(device) / 2**20 * world_size
+    return peaks.to(device)
+
+
+def write_report(strategy, ema, path: Path) -> None:
+    """memory.json (rank 0): what every rank holds, by category, and its peak memory (a collective)."""
+    import json
+
+    reports = strategy.gather_object(strategy.memory_report(ema))
+    if strategy.is_main:
+        path.write_text(json.dumps({"strategy": strategy.name, "world_size": strategy.world_size, "ranks": reports},
+                                   indent=2))
 
 
 def reset_peak(device: torch.device | None = None) -> None:

@@ -220,31 +220,11 @@ class Trainer:
                 break
         hooks.plot_results()
         hooks.fire("on_train_end")
-        self._write_memory()
+        memory.write_report(self.strategy, self.ema, self.log.folder / "memory.json")
         self._say(f"done in {time.time() - start:.1f}s: " + _summary(metrics))
-        self._say(self._data_wait_report())
+        self._say(datamod.wait_report(self.strategy.gather_object((self.time_waiting, self.time_in_steps)),
+                                      workers=self.workers))
         return metrics
-
-    def _data_wait_report(self) -> str:
-        """How much of the training time the slowest rank waited for its loader, with advice when it matters."""
-        waited, total = max(self.strategy.gather_object((self.time_waiting, self.time_in_steps)),
-                            key=lambda pair: pair[0] / max(pair[1], 1e-9))
-        share = waited / total if total else 0.0
-        line = f"data loading: waited {waited:.1f}s of {total:.1f}s training ({share:.1%}, slowest rank)"
-        if share > 0.1:
-            line += (f"; the loader does not keep up: raise workers= (now {self.workers} per process, "
-                     f"{dist.available_cores()} cores here), cache=ram, or a smaller imgsz")
-        return line
-
-    def _write_memory(self) -> None:
-        """memory.json: what every rank holds, by category, and its peak memory."""
-        import json
-
-        reports = self.strategy.gather_object(self.strategy.memory_report(self.ema))
-        if self.strategy.is_main:
-            (self.log.folder / "memory.json").write_text(json.dumps(
-                {"strategy": self.strategy.name, "world_size": self.strategy.world_size,
-                 "ranks": reports}, indent=2))
 
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], bool]:
         """One epoch of iterations. Losses stay on the device: the step's one host synchronisation (in
@@ -272,10 +252,8 @@ class Trainer:
                 self.hooks.fire("on_train_batch_end")
                 continue
             iterations = ni - self.last_opt
-            # every rank's peak memory rides in the losses' all-reduce: each adds world x its own in its own slot
-            peaks = torch.zeros(strategy.world_size)
-            peaks[strategy.rank] = memory.peak_bytes(self.device) / 2**20 * strategy.world_size
-            mean = strategy.all_reduce(torch.cat([window / iterations, peaks.to(self.device)]), mean=True)
+            peaks = memory.rank_peaks(self.device, rank=strategy.rank, world_size=strategy.world_size)
+            mean = strategy.all_reduce(torch.cat([window / iterations, peaks]), mean=True)
             norm, stepped, values = strategy.step(torch.cat([mean, sums / seen]))
             n = len(window)
             losses, peak_mib, shown = values[:n], values[n:n + strategy.world_size], values[n + strategy.world_size:]
