@@ -34,24 +34,12 @@ launch: add nproc=N for N local processes, or run under torchrun / accelerate la
 
 
 def run() -> None:
-    """The `parallel-yolo` command and `python -m parallel_yolo`: `main`, then a quick exit.
+    """The `parallel-yolo` command and `python -m parallel_yolo`: `main`, then the exit of shutdown.finish (Python's
+    shutdown order without the module teardown; a rank whose exit hangs is ended and named). An exception leaves
+    through Python's usual exit."""
+    from .shutdown import finish
 
-    Python's teardown of the torch, DeepSpeed and Ultralytics modules takes ~0.8 s per process on a 2-core machine,
-    and a launch waits for it in every worker and then in the launcher. What the teardown does that matters is done
-    here first: waiting for non-daemon threads, the atexit handlers (logging, multiprocessing's children, weakref
-    finalizers) and flushing the standard streams. An exception leaves through Python's usual exit."""
-    import atexit
-    import threading
-
-    code = main()
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError):  # a reader that went away (`| head`)
-            stream.flush()
-    os._exit(code)
+    finish(main())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -212,12 +212,14 @@ def launch_local(nproc: int, argv: list[str], *, max_restarts: int = 0) -> int:
     The children see RANK / WORLD_SIZE like under torchrun, so they take the same code path as any launcher. When
     one fails, the others are stopped, and with `max_restarts` the whole group is started again (the restarted
     processes see TORCHELASTIC_RESTART_COUNT > 0 and resume). When the group fails for good, its cause is printed
-    here in one line (see `first_cause`). Returns 0, or the failing rank's exit code.
+    here in one line (see `first_cause`). A rank that finished its work but does not exit is ended and named
+    (shutdown.ExitWatch). Returns 0, the failing rank's exit code, or 1 for a rank that did not exit.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from .heartbeat import LAUNCHER_REPORTS
+    from .shutdown import ExitWatch
 
     # the agent's log lines (closing signals, exit codes, restart notices) would bury the one line that matters
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
@@ -226,20 +228,28 @@ def launch_local(nproc: int, argv: list[str], *, max_restarts: int = 0) -> int:
         rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=max_restarts, monitor_interval=0.1,
     )
     os.environ[LAUNCHER_REPORTS] = "1"  # the children inherit it
-    try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "parallel_yolo", *argv)
-    except ChildFailedError as e:
-        rank, exitcode, message = first_cause(e.failures)
-        if message is not None:
-            print(f"parallel-yolo: error: {message}", file=sys.stderr, flush=True)
-        elif exitcode < 0:  # killed: it could not say so itself
-            print(f"parallel-yolo: error: rank {rank} was killed by {signal.Signals(-exitcode).name}"
-                  f"{'' if max_restarts else '; add max_restarts=N to restart the group and resume'}",
-                  file=sys.stderr, flush=True)
-        return exitcode if exitcode > 0 else 1
-    finally:
-        os.environ.pop(LAUNCHER_REPORTS, None)
-    return 0
+    failure = None
+    with ExitWatch() as watch:
+        try:
+            elastic_launch(config, entrypoint=sys.executable)("-m", "parallel_yolo", *argv)
+        except ChildFailedError as e:
+            failure = first_cause(e.failures)
+        finally:
+            os.environ.pop(LAUNCHER_REPORTS, None)
+    if watch.problems:  # ranks that finished but did not exit on their own: named as such, not as a crash
+        for problem in watch.problems:
+            print(f"parallel-yolo: error: {problem}", file=sys.stderr, flush=True)
+        return 1
+    if failure is None:
+        return 0
+    rank, exitcode, message = failure
+    if message is not None:
+        print(f"parallel-yolo: error: {message}", file=sys.stderr, flush=True)
+    elif exitcode < 0:  # killed: it could not say so itself
+        print(f"parallel-yolo: error: rank {rank} was killed by {signal.Signals(-exitcode).name}"
+              f"{'' if max_restarts else '; add max_restarts=N to restart the group and resume'}",
+              file=sys.stderr, flush=True)
+    return exitcode if exitcode > 0 else 1
 
 
 def first_cause(failures: dict) -> tuple[int, int, str | None]:
