@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError, Unanimous
+from .urls import is_url, split_url
+
 __all__ = ["ConfigError", "TrainConfig", "ValConfig", "ConsolidateConfig", "parse_overrides", "read_overrides", "build",
            "ULTRALYTICS_KEYS"]
 
@@ -38,14 +41,6 @@ ULTRALYTICS_KEYS = {
     "box": 7.5, "cls": 0.5, "dfl": 1.5, "nbs": 64, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1,
     "conf": None, "iou": 0.7, "max_det": 300, "save_json": False, "verbose": True,
 }
-
-
-class ConfigError(ValueError):
-    """A user mistake in the command or the recipe: reported as one line, exit code 2."""
-
-
-class Unanimous(ConfigError):
-    """A mistake every rank finds alike (the same inputs, or rank 0's finding broadcast): only rank 0 reports it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -169,10 +164,8 @@ class TrainConfig:
             raise ConfigError(f"resume={self.resume}: not found; pass resume=true (the newest run under "
                               f"project={self.project}), a run folder, a checkpoint folder such as "
                               "runs/detect/train/weights/last, or an s3:// copy of either")
-        if self.upload is not None:
-            from .checkpoint.remote import check_url
-
-            check_url("upload", self.upload)
+        if self.upload is not None:  # its form here; credentials where the store is first used (preflight)
+            split_url("upload", self.upload)
         if self.device is not None and self.device != "cpu" and not _is_cuda_spec(self.device):
             raise ConfigError(f"device={self.device}: use device=cpu, or leave it out to use CUDA when present")
 
@@ -443,16 +436,10 @@ def _unknown_key(key: str, known: set[str]) -> str:
     return f"{key}: unknown key{_suggest(key, known)}; see `parallel-yolo help` for the keys"
 
 
-def is_url(path: Any) -> bool:
-    return str(path).startswith("s3://")
-
-
 def _exists(key: str, path: str) -> bool:
     """A local path that exists, or a well-formed s3:// URL (read when it is used; checkpoint/remote.py)."""
     if is_url(path):
-        from .checkpoint.remote import check_url
-
-        check_url(key, path)
+        split_url(key, path)
         return True
     return Path(path).exists()
 

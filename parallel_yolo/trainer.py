@@ -37,6 +37,8 @@ def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
     cfg.per_rank_batch(world_size)
     datamod.resolve_dataset(cfg.data)
     yolo.check_model_spec(cfg.model)
+    if cfg.upload:  # boto3 and credentials, before any process starts (the config checked the URL's form)
+        remote.check_url("upload", cfg.upload)
     return choice
 
 

@@ -102,23 +102,6 @@ def test_bad_train_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, t
     assert not (tmp_path / "runs").exists()
 
 
-def test_optimizer_names_are_ultralytics_own_in_any_case():
-    """The names train= accepts are those Ultralytics' build_optimizer accepts (its error lists them), normalised as
-    Ultralytics normalises them."""
-    import re
-    import torch
-
-    from parallel_yolo._ultralytics_internals import build_optimizer
-    from parallel_yolo.config import OPTIMIZERS, TrainConfig
-
-    with pytest.raises(NotImplementedError) as refused:
-        build_optimizer(torch.nn.Linear(2, 2), hyp=None, nc=0, name="Adagrad", lr=0.01, momentum=0.9, decay=0.0,
-                        iterations=1)
-    listed = set(re.findall(r"'(\w+)'", re.search(r"\{.*\}", str(refused.value)).group(0)))
-    assert listed == set(OPTIMIZERS)
-    assert TrainConfig(optimizer="musgd").optimizer == "MuSGD" and TrainConfig(optimizer="ADAMW").optimizer == "AdamW"
-
-
 def test_catalogue_size():
     assert len(BAD) + 3 >= 25  # and the three commands below
 

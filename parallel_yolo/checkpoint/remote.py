@@ -9,9 +9,9 @@ AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials, instance roles.
 Mirroring: right after a checkpoint is committed, `Mirror.add` hard-links its files into `{run}/.upload/` (a later
 save replaces weights/last and rotation deletes step_N; the links keep this version's bytes) and an uploader
 process (this module run with -m) uploads them: first it deletes the remote manifest (from then on the remote copy
-does not count as a checkpoint), then uploads every data file with its sha256 (from the manifest) as metadata and
-checks size and sha256 on the store, then the manifest, last; then deletes remote files the new manifest does not
-list, and applies keep_last to the remote step_N folders. A file the store already holds with the same sha256
+does not count as a checkpoint), then uploads every data file with a SHA-256 of its bytes that the store verifies
+and keeps, and checks the store's size and SHA-256 against the manifest's, then the manifest, last; then deletes remote files the new manifest does not
+list, and applies keep_last to the remote step_N folders. A file the store already holds with the same SHA-256
 (weights/best is weights/last of an improving epoch) is copied on the store instead of sent again. A failure prints a
 warning and is retried with growing pauses while training goes on; a newer version of a folder replaces a pending
 one.
@@ -36,30 +36,52 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import ConfigError, is_url as is_remote
+from ..errors import ConfigError
+from ..urls import is_url as is_remote, split_url
 from . import MANIFEST, CheckpointError, load_manifest
 
 __all__ = ["is_remote", "check_url", "Mirror", "mirror", "fetch", "localize", "is_fetched"]
 
-SCHEME = "s3://"
 _RETRY_S = (2, 4, 8, 15, 30, 60)  # pauses between attempts, the last repeated
+_PART = 5 * 2**30
+"""One PUT up to S3's single-request limit, so that the store's SHA-256 is the whole file's, as in the manifest; a
+larger file goes in parts of this size, and the store keeps a checksum of the parts' checksums."""
+
+
+def _transfer():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=_PART + 1, multipart_chunksize=_PART)
+
+
+def _store_checksum(path: Path, sha256: str, size: int) -> str:
+    """The ChecksumSHA256 the store reports for this file when it holds it whole: base64 of the file's SHA-256, or
+    for a file uploaded in parts the SHA-256 of the parts' digests (what S3 computes, read from the file; S3 adds
+    "-N", the number of parts, which _holds leaves aside)."""
+    import base64
+    import hashlib
+
+    if size <= _PART:
+        return base64.b64encode(bytes.fromhex(sha256)).decode()
+    digests = []
+    with open(path, "rb") as f:
+        while part := f.read(_PART):
+            digests.append(hashlib.sha256(part).digest())
+    return base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
 
 
 def check_url(key: str, url: str) -> tuple[str, str]:
     """(bucket, prefix) of s3://bucket/prefix, or a one-line ConfigError; also checks that boto3 is installed and
-    finds credentials (no request is sent)."""
-    bucket, _, prefix = str(url)[len(SCHEME):].partition("/") if is_remote(url) else ("", "", "")
-    if not bucket or len(bucket) < 3 or not all(c.isalnum() or c in ".-" for c in bucket):
-        raise ConfigError(f"{key}={url}: expected s3://BUCKET/PREFIX (a bucket name of 3 to 63 letters, digits, "
-                          "dots and dashes)")
+    finds credentials (no request is sent). Called where the store is first used."""
+    bucket, prefix = split_url(key, url)
     try:
         import boto3
     except ImportError:
-        raise ConfigError(f"{key}={url}: needs boto3; pip install boto3 (or parallel_yolo[s3])") from None
+        raise ConfigError(f"{key}={url}: needs boto3; pip install boto3") from None
     if boto3.Session().get_credentials() is None:
         raise ConfigError(f"{key}={url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                           "(and AWS_ENDPOINT_URL for MinIO and other S3-compatible stores), or configure ~/.aws")
-    return bucket, prefix.strip("/")
+    return bucket, prefix
 
 
 def _client():
@@ -94,7 +116,7 @@ class Mirror:
         self.process = subprocess.Popen([sys.executable, "-m", __name__, self.url, str(self.run), str(keep_last)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         # a run folder written before (a resumed run, exist_ok): what it holds is mirrored first; what the store
-        # holds already (the same manifest, or files of the same size and sha256) is not sent again
+        # holds already (the same manifest, or files of the same size and the store's SHA-256) is not sent again
         committed = [self.run / "weights" / "best", self.run / "weights" / "last",
                      *sorted((self.run / "checkpoints").glob("step_*"), key=lambda p: _step(p.as_posix()) or 0)]
         for folder in committed:
@@ -252,20 +274,25 @@ class _Uploader:
         self._delete(stale)
 
     def _put(self, path: Path, key: str, sha256: str, size: int) -> None:
+        """The file at `key`, its bytes verified by the store: boto3 sends the SHA-256 of what it reads, the store
+        refuses bytes that do not match it and keeps it; the object counts only where the store's SHA-256 is the
+        manifest's (a file changed since the manifest was written is refused too)."""
         from botocore.exceptions import ClientError
 
+        expected = _store_checksum(path, sha256, size)
         source = self.known.get(sha256)
         if source is not None and source != key:
-            try:  # the same bytes are on the store already: copied there, not sent again
+            try:  # the same bytes are on the store already: copied there (the store computes the copy's checksum)
                 self.client.copy_object(Bucket=self.bucket, Key=key, CopySource={"Bucket": self.bucket, "Key": source},
-                                        MetadataDirective="COPY")
+                                        ChecksumAlgorithm="SHA256")
             except ClientError:
                 pass
-        if not self._holds(key, sha256, size):
-            self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
-            if not self._holds(key, sha256, size):
-                raise CheckpointError(f"s3://{self.bucket}/{key}: size or sha256 on the store differs from the file "
-                                      "sent")
+        if not self._holds(key, expected, size):
+            self.client.upload_file(str(path), self.bucket, key, ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                                    Config=_transfer())
+            if not self._holds(key, expected, size):
+                raise CheckpointError(f"s3://{self.bucket}/{key}: the store's size or SHA-256 differs from the "
+                                      "manifest's (the file changed after it was written?)")
         self.known[sha256] = key
 
     def _manifest_on_store(self, folder: str) -> bytes | None:
@@ -278,9 +305,10 @@ class _Uploader:
                 return None
             raise
 
-    def _holds(self, key: str, sha256: str, size: int) -> bool:
-        head = _head(self.client, self.bucket, key) or {}
-        return head.get("ContentLength") == size and head.get("Metadata", {}).get("sha256") == sha256
+    def _holds(self, key: str, checksum: str, size: int) -> bool:
+        """The store holds these bytes at `key`, by its own SHA-256 of them (nothing we wrote beside them)."""
+        head = _head(self.client, self.bucket, key, ChecksumMode="ENABLED") or {}
+        return head.get("ContentLength") == size and head.get("ChecksumSHA256", "").split("-")[0] == checksum
 
     def _rotate(self) -> None:
         """keep_last on the store: delete all but the newest step_N folders (the manifest of each first)."""
@@ -409,12 +437,12 @@ def _run_manifests(client, bucket: str, prefix: str) -> list[str]:
     return keys
 
 
-def _head(client, bucket: str, key: str) -> dict | None:
+def _head(client, bucket: str, key: str, **options) -> dict | None:
     """The object's metadata, or None where there is none."""
     from botocore.exceptions import ClientError
 
     try:
-        return client.head_object(Bucket=bucket, Key=key)
+        return client.head_object(Bucket=bucket, Key=key, **options)
     except ClientError as error:
         if _missing(error):
             return None

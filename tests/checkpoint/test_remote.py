@@ -3,6 +3,8 @@ store stopped mid-run, and read back by resume=, val and consolidate."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -92,9 +94,11 @@ def test_mirror_keeps_the_last_few_and_fetch_takes_the_newest(store, tmp_path, m
     assert folders == {f"unit/run/{f}" for f in ("checkpoints/step_2", "checkpoints/step_3", "weights/last",
                                                  "weights/best")}, folders
     assert not (run / ".upload").exists()
-    head = store.client().head_object(Bucket=BUCKET, Key="unit/run/weights/best/rank00000.safetensors")
-    assert head["Metadata"]["sha256"] == checkpoint.load_manifest(run / "weights" / "best")["files"][
-        "rank00000.safetensors"]["sha256"]
+    # the store's own SHA-256 of the bytes it holds (best copied on the store from last) is the manifest's
+    head = store.client().head_object(Bucket=BUCKET, Key="unit/run/weights/best/rank00000.safetensors",
+                                      ChecksumMode="ENABLED")
+    sha256 = checkpoint.load_manifest(run / "weights" / "best")["files"]["rank00000.safetensors"]["sha256"]
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == sha256
     local = remote.fetch(url)  # a run prefix: the newest complete checkpoint
     assert checkpoint.load_manifest(local)["step"] == 3 and remote.is_fetched(local)
     assert remote.fetch(f"{url}/checkpoints/step_2") == Path(tmp_path / "cache" / "s3" / BUCKET / "unit/run/"
@@ -135,7 +139,48 @@ def test_a_half_uploaded_checkpoint_never_counts(store, tmp_path, monkeypatch, c
     assert checkpoint.load_manifest(remote.fetch(url))["step"] == 2
 
 
-def test_urls_are_checked_up_front(store, monkeypatch):
+def test_the_store_verifies_the_bytes_not_metadata_we_wrote(store, tmp_path, monkeypatch):
+    """An object that claims the manifest's sha256 in metadata but holds other bytes is sent again; a file whose
+    bytes changed after its manifest was written is refused (no manifest on the store); a file sent in parts is
+    checked by the store's checksum of the parts."""
+    monkeypatch.setenv("PARALLEL_YOLO_CACHE", str(tmp_path / "cache"))
+    client, url = store.client(), f"s3://{BUCKET}/verify/run"
+    last = fake_checkpoint(tmp_path / "run" / "weights" / "last", 1)
+    info = checkpoint.load_manifest(last)["files"]["rank00000.safetensors"]
+    client.create_bucket(Bucket=BUCKET) if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]] else None
+    client.put_object(Bucket=BUCKET, Key="verify/run/weights/last/rank00000.safetensors", Body=b"x" * info["bytes"],
+                      Metadata={"sha256": info["sha256"]})  # the old shortcut's evidence, with wrong bytes
+    uploader = remote._Uploader(url, keep_last=3)
+    uploader.add("weights/last", shutil.copytree(last, tmp_path / "stage1"))
+    assert uploader.close(wait=60) == []
+    assert checkpoint.load_manifest(remote.fetch(url))["step"] == 1  # fetch checks every byte against the manifest
+
+    changed = shutil.copytree(fake_checkpoint(tmp_path / "run2" / "weights" / "last", 2), tmp_path / "stage2")
+    data = (changed / "rank00000.safetensors").read_bytes()
+    (changed / "rank00000.safetensors").write_bytes(data[:-4] + b"\0\0\0\1")  # same size, other bytes
+    uploader = remote._Uploader(f"s3://{BUCKET}/verify/changed", keep_last=3)
+    uploader.add("weights/last", changed)
+    assert uploader.close(wait=3) == ["weights/last"]
+    assert remote._head(client, BUCKET, "verify/changed/weights/last/manifest.json") is None
+
+    monkeypatch.setattr(remote, "_PART", 5 * 2**20)  # S3's smallest part: an 11 MiB file goes in 3 parts
+    big = fake_checkpoint(tmp_path / "run3" / "weights" / "last", 3, numel=11 * 2**18)
+    uploader = remote._Uploader(f"s3://{BUCKET}/verify/big", keep_last=3)
+    uploader.add("weights/last", shutil.copytree(big, tmp_path / "stage3"))
+    assert uploader.close(wait=120) == []
+    head = client.head_object(Bucket=BUCKET, Key="verify/big/weights/last/rank00000.safetensors",
+                              ChecksumMode="ENABLED")
+    file = big / "rank00000.safetensors"
+    parts = [hashlib.sha256(part).digest() for part in _parts(file.read_bytes(), remote._PART)]
+    assert len(parts) == 3
+    assert head["ChecksumSHA256"].split("-")[0] == base64.b64encode(hashlib.sha256(b"".join(parts)).digest()).decode()
+
+
+def _parts(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def test_urls_are_checked_up_front(store, monkeypatch, tmp_path, capsys):
     for bad in ("s3://", "s3://ab/x", "s3://bad_bucket/x"):
         with pytest.raises(ConfigError, match="expected s3://BUCKET/PREFIX"):
             remote.check_url("upload", bad)
@@ -146,6 +191,19 @@ def test_urls_are_checked_up_front(store, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ConfigError, match="no AWS credentials"):
         remote.check_url("upload", f"s3://{BUCKET}/x")
+    # the config checks only the URL's form (no credentials, nothing sent); the launcher's preflight checks the
+    # credentials before any process starts, in one line
+    from parallel_yolo.cli import main
+    from parallel_yolo.config import TrainConfig
+
+    assert TrainConfig(upload=f"s3://{BUCKET}/x").upload == f"s3://{BUCKET}/x"
+    with pytest.raises(ConfigError, match="expected s3://BUCKET/PREFIX"):
+        TrainConfig(upload="s3://ab/x")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "imgsz=64", "nproc=2", f"upload=s3://{BUCKET}/x", "project=runs"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "no AWS credentials" in err[0], err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow
