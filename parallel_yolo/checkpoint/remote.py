@@ -10,11 +10,11 @@ Mirroring: right after a checkpoint is committed, `Mirror.add` hard-links its fi
 save replaces weights/last and rotation deletes step_N; the links keep this version's bytes) and an uploader
 process (this module run with -m) uploads them: first it deletes the remote manifest (from then on the remote copy
 does not count as a checkpoint), then uploads every data file with a SHA-256 of its bytes that the store verifies
-and keeps, and checks the store's size and SHA-256 against the manifest's, then the manifest, last; then deletes remote files the new manifest does not
-list, and applies keep_last to the remote step_N folders. A file the store already holds with the same SHA-256
-(weights/best is weights/last of an improving epoch) is copied on the store instead of sent again. A failure prints a
-warning and is retried with growing pauses while training goes on; a newer version of a folder replaces a pending
-one.
+and keeps, and checks the store's size and SHA-256 against the manifest's, then the manifest, last; then deletes
+remote files the new manifest does not list, and applies keep_last to the remote step_N folders. A file the store
+already holds with the same SHA-256 (weights/best is weights/last of an improving epoch) is copied on the store
+instead of sent again. A failure prints a warning and is retried with growing pauses while training goes on; a
+newer version of a folder replaces a pending one.
 
 Reading (`resume=`, `val checkpoint=`, `consolidate checkpoint=` with an s3:// URL): `fetch` downloads one complete
 checkpoint (a checkpoint prefix, or of a run prefix the newest one whose manifest is there and whose files match
