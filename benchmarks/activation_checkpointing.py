@@ -62,9 +62,11 @@ def _size(text: str) -> int:
 
 def _halfway(args: dict[str, str]) -> int:
     """States plus activations of the images per rank, halfway between no recompute and `all` (the forecast)."""
-    from parallel_yolo import memory, recompute, yolo
     from parallel_yolo.config import TrainConfig
+    from parallel_yolo.engine import recompute
+    from parallel_yolo.monitor import memory
     from parallel_yolo.strategies import REGISTRY
+    from parallel_yolo.tasks import yolo
 
     model = yolo.build_model(args["model"], nc=80, names={i: str(i) for i in range(80)},
                              hyp=yolo.hyp_namespace(TrainConfig()))

@@ -1,4 +1,4 @@
-"""What the quick exit (parallel_yolo/shutdown.py `finish`) saves against Python's plain exit, side by side in one run.
+"""What the quick exit (parallel_yolo/launch/shutdown.py `finish`) saves against Python's plain exit, side by side in one run.
 
     python benchmarks/exit.py [pairs=2] [KEY=VALUE ...]
 
@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-EXIT = {"quick": "from parallel_yolo.shutdown import finish; finish(code)", "plain": "sys.exit(code)"}
+EXIT = {"quick": "from parallel_yolo.launch.shutdown import finish; finish(code)", "plain": "sys.exit(code)"}
 
 
 def exit_time(how: str, tokens: list[str], cwd: str) -> float:

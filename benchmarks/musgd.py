@@ -63,11 +63,12 @@ def _optimizer_worker(rank: int, world: int, port: int, name: str, model_yaml: s
     import torch
     from ultralytics.optim import muon
 
-    from parallel_yolo import dist, yolo
     from parallel_yolo._ultralytics_internals import build_optimizer
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     torch.set_num_threads(1)
     spent, newton_schulz = [0.0], muon.zeropower_via_newtonschulz5

@@ -49,10 +49,11 @@ def _worker(rank: int, world: int, port: int, name: str, optimizer: str, model_y
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", YOLO_VERBOSE="False")
     import torch
 
-    from parallel_yolo import dist as pdist, yolo
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     torch.manual_seed(0)
     env, device = pdist.read_env(), torch.device("cpu")

@@ -37,7 +37,7 @@ def _environment(rank: int, world: int, port: int) -> None:
 
 
 def _parts(model: str, strategy, cfg, sharded_init: bool):
-    from parallel_yolo import yolo
+    from parallel_yolo.tasks import yolo
 
     hyp = yolo.hyp_namespace(cfg)
     torch.manual_seed(0)
@@ -53,10 +53,11 @@ def _parts(model: str, strategy, cfg, sharded_init: bool):
 
 def _setup_worker(rank: int, world: int, port: int, model: str, name: str, sharded_init: bool, out: str) -> None:
     _environment(rank, world, port)
-    from parallel_yolo import dist as pdist, memory
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist as pdist
+    from parallel_yolo.monitor import memory
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
 
     env, device = pdist.read_env(), torch.device("cpu")
     cfg = TrainConfig(optimizer="SGD", batch=world)
@@ -77,7 +78,8 @@ def _load_code(name: str, cfg) -> None:
     """Import what the build and setup import (Ultralytics' model and trainer modules, FSDP and torch's meta-device
     kernels, DeepSpeed: ~60, ~150 and ~100 MiB of code) before the baseline, with and without sharded_init, so that
     what is measured above it is the model's memory."""
-    from parallel_yolo import memory, yolo
+    from parallel_yolo.monitor import memory
+    from parallel_yolo.tasks import yolo
 
     yolo.hyp_namespace(cfg)
     for module in ("ultralytics.engine.trainer", "ultralytics.nn.tasks", "torch.distributed.fsdp"):
@@ -92,12 +94,13 @@ def _load_code(name: str, cfg) -> None:
 
 def _limited_worker(rank: int, world: int, port: int, model: str, name: str, limit: int, out: str) -> None:
     _environment(rank, world, port)
-    from parallel_yolo import dist as pdist, yolo
-    from parallel_yolo.compare import synthetic_batch
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
-    from parallel_yolo.step import forward_backward
+    from parallel_yolo.engine.step import forward_backward
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
+    from parallel_yolo.tools.compare import synthetic_batch
 
     env, device = pdist.read_env(), torch.device("cpu")
     cfg = TrainConfig(optimizer="SGD", batch=world)

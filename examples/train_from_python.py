@@ -7,7 +7,7 @@ callbacks of your own on Ultralytics' events (as `YOLO.add_callback`; they run o
 
 from parallel_yolo import add_callback
 from parallel_yolo.config import TrainConfig
-from parallel_yolo.trainer import train
+from parallel_yolo.engine.trainer import train
 
 
 def report(trainer) -> None:

@@ -12,9 +12,8 @@ import os
 import sys
 import time
 
-from .config import (CompareConfig, ConfigError, ConsolidateConfig, TrainConfig, Unanimous, ValConfig,
-                     parse_overrides)
-from .heartbeat import LAUNCHER_REPORTS, PeerLost
+from .config import CompareConfig, ConfigError, ConsolidateConfig, TrainConfig, Unanimous, ValConfig, parse_overrides
+from .launch.heartbeat import LAUNCHER_REPORTS, PeerLost
 
 __all__ = ["main", "run"]
 
@@ -37,7 +36,7 @@ def run() -> None:
     """The `parallel-yolo` command and `python -m parallel_yolo`: `main`, then the exit of shutdown.finish (Python's
     shutdown order without the module teardown; a rank whose exit hangs is ended and named). An exception leaves
     through Python's usual exit."""
-    from .shutdown import finish
+    from .launch.shutdown import finish
 
     finish(main())
 
@@ -54,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         if command == "val":
             return _val(rest)
         if command == "compare":
-            from .compare import run_compare
+            from .tools.compare import run_compare
 
             run_compare(parse_overrides(rest, CompareConfig), rest)
             return 0
         if command == "consolidate":
-            from .consolidate import consolidate
+            from .engine.consolidate import consolidate
 
             cfg = parse_overrides(rest, ConsolidateConfig)
             consolidate(checkpoint=cfg.checkpoint, out=cfg.out, weights=cfg.weights)
@@ -92,8 +91,9 @@ def _report(message: str, *, exitcode: int, every_rank: bool) -> None:
 
 
 def _train(tokens: list[str]) -> int:
-    from . import dist, resume
-    from .trainer import preflight, train
+    from .engine import resume
+    from .engine.trainer import preflight, train
+    from .launch import dist
 
     cfg = parse_overrides(tokens, TrainConfig)
     env = dist.read_env()
@@ -119,8 +119,8 @@ def _train(tokens: list[str]) -> int:
 
 
 def _val(tokens: list[str]) -> int:
-    from . import dist
-    from .validate import run_val
+    from .engine.validate import run_val
+    from .launch import dist
 
     cfg = parse_overrides(tokens, ValConfig)
     env = dist.read_env()

@@ -25,10 +25,10 @@ __all__ = ["ConfigError", "TrainConfig", "ValConfig", "ConsolidateConfig", "pars
 STRATEGY_NAMES = ("single", "ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 CHECKPOINTING = ("none", "backbone", "all", "auto")
-"""activation_checkpointing's values (parallel_yolo/recompute.py): none; backbone: the layers the model yaml lists
+"""activation_checkpointing's values (parallel_yolo/engine/recompute.py): none; backbone: the layers the model yaml lists
 under `backbone`; all: every layer with parameters; auto: the least recompute whose forecast fits `budget`."""
 # what Ultralytics' build_optimizer accepts (any case), spelled as it spells them; `auto`: MuSGD past 10,000 iterations,
-# else AdamW (tests/test_config.py checks the list against Ultralytics')
+# else AdamW (tests/config/test_config.py checks the list against Ultralytics')
 OPTIMIZERS = ("SGD", "MuSGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "auto")
 
 # Ultralytics keys that reach the dataset pipeline, the loss or the validator unchanged. Any other Ultralytics key

@@ -78,7 +78,7 @@ def pytest_configure(config):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
     # Ultralytics settings of the suite's own, its logger integrations off: the default (mlflow=True) would import
-    # MLflow into every training of the suite (~2 s each); tests/test_callbacks.py switches them on in its own folder
+    # MLflow into every training of the suite (~2 s each); tests/engine/test_callbacks.py switches them on in its own folder
     os.environ["YOLO_CONFIG_DIR"] = str(cache / "ultralytics-settings")
     from ultralytics.utils import SETTINGS
 
@@ -148,8 +148,9 @@ def demo_train_set():
     """The demo dataset's training split at 64 px, as Ultralytics builds it (mosaic pipeline)."""
     from ultralytics.data.build import build_yolo_dataset
 
-    from parallel_yolo import data, yolo
     from parallel_yolo.config import TrainConfig
+    from parallel_yolo.data import loader as data
+    from parallel_yolo.tasks import yolo
 
     hyp = yolo.hyp_namespace(TrainConfig(imgsz=64, batch=4))
     hyp.imgsz = 64

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import ROOT, read_csv, readme_commands, run_readme_command
 
 

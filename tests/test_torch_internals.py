@@ -102,7 +102,7 @@ def test_composable_checkpoint_recomputes_inside_the_given_context_and_keeps_the
 
 def test_collectives_live_in_both_homes_comm_swaps():
     """comm.py swaps the functions in both modules; callers of either name must reach the same function."""
-    from parallel_yolo.comm import _COLLECTIVES
+    from parallel_yolo.monitor.comm import _COLLECTIVES
 
     public, c10d = internals.collective_homes()
     present = [name for name in _COLLECTIVES if hasattr(c10d, name)]

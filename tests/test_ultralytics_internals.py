@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import demo_train_set
 
-from parallel_yolo import _ultralytics_internals as internals, yolo
+from parallel_yolo import _ultralytics_internals as internals
 from parallel_yolo.config import TrainConfig
+from parallel_yolo.tasks import yolo
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +98,7 @@ def test_validator_runs_in_training_mode_on_the_trainer_stand_in(model_and_hyp, 
 
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    from parallel_yolo import data
+    from parallel_yolo.data import loader as data
 
     model, hyp = model_and_hyp
     hyp = copy(hyp)
@@ -114,7 +115,7 @@ def test_validator_runs_in_training_mode_on_the_trainer_stand_in(model_and_hyp, 
     assert "fitness" in metrics and {"val/box_loss", "val/cls_loss", "val/dfl_loss"} <= set(metrics)
 
 
-# heads with 4 strides, one-to-one and one-to-many branches, attention (tests/test_variants.py builds every family)
+# heads with 4 strides, one-to-one and one-to-many branches, attention (tests/tasks/test_variants.py builds every family)
 @pytest.mark.parametrize("spec", ["yolov8n-p6.yaml", "yolov10n.yaml", "yolo12n.yaml", "yolo26n.yaml"])
 def test_a_model_built_layer_by_layer_is_the_whole_build(spec):
     """Sharded initialisation's build: every value, the strides, the attributes and the random generator afterwards

@@ -11,6 +11,8 @@ independent of the strategy and world size that wrote it.
 Atomicity: all files go into a temporary sibling folder; rank 0 writes the manifest last, fsyncs and renames.
 A reader trusts a folder only if its manifest exists and the files match it, so a crash mid-write leaves at
 most a temporary folder, which the next save in that place removes.
+
+Layer 5: imports data/ (the cache folder of remote.py), config/ and the leaves; never strategies/ or above.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..urls import is_url as is_remote, split_url
+from ..urls import is_url as is_remote
+from ..urls import split_url
 from . import MANIFEST, CheckpointError, load_manifest
 
 __all__ = ["is_remote", "check_url", "Mirror", "mirror", "fetch", "localize", "is_fetched"]
@@ -424,7 +425,7 @@ def is_fetched(folder: Path) -> bool:
 
 
 def _cache_root() -> Path:
-    from ..data import cache_dir
+    from ..data.loader import cache_dir
 
     return cache_dir() / "s3"
 

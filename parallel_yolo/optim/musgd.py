@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._torch_internals import foreach
-from .._ultralytics_internals import musgd_defaults, musgd_fields, muon_update
+from .._ultralytics_internals import muon_update, musgd_defaults, musgd_fields
 
 __all__ = ["DistributedMuSGD", "distributed"]
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import memory
-from ..dist import DistEnv, broadcast_object, gather_object
-from ..ema import ShardedEMA
-from ..precision import PrecisionPolicy
+from ..launch.dist import DistEnv, broadcast_object, gather_object
+from ..monitor import memory
+from ..optim.ema import ShardedEMA
+from .precision import PrecisionPolicy
 
 __all__ = ["Strategy", "ReplicatedEMA", "ParamShard", "OptimizerSpan", "MAX_GRAD_NORM", "host_values"]
 

@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .. import memory
+from ..monitor import memory
 from . import _deepspeed_internals as internals
 from .base import MAX_GRAD_NORM, OptimizerSpan, ParamShard, Strategy, host_values
 from .registry import register

@@ -170,7 +170,7 @@ class _LocalShards:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         from ..optim import DistributedMuSGD
-        from ..yolo import fused
+        from ..tasks.yolo import fused
 
         self.optimizer = optimizer
         self.views: dict[int, torch.Tensor] = {}  # id of a DTensor parameter -> the local view the optimizer steps

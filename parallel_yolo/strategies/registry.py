@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from ..config import STRATEGY_NAMES, ConfigError
-from ..dist import DistEnv
+from ..launch.dist import DistEnv
 
 __all__ = ["REGISTRY", "register", "preset", "select", "from_launcher", "default_precision"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import CKPT_RUN, check, free_port, read_csv, run_cli, wait_until
+
 from parallel_yolo import checkpoint
 from parallel_yolo.checkpoint import remote, rng
 from parallel_yolo.config import ConfigError

@@ -19,6 +19,7 @@ from conftest import CKPT_RUN, check, load_weights, read_csv, run_cli
 
 from parallel_yolo.strategies import REGISTRY
 
+
 def resumed_copy(run, tmp_path, *args):
     """The run folder as the uninterrupted run left it (steps.csv holds all 6 steps), resumed from step 2: the
     resumed run drops the logged rows after its checkpoint and logs those steps again."""

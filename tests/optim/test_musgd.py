@@ -28,11 +28,12 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
 
     from ultralytics.optim import muon
 
-    from parallel_yolo import dist as pdist, yolo
     from parallel_yolo._ultralytics_internals import build_optimizer
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     matrices, work = [], []
     newton_schulz = muon.zeropower_via_newtonschulz5

@@ -21,11 +21,12 @@ DEFAULT = {"zero3", "fsdp"}
 
 def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     rank_environment(rank, world, port)
-    from parallel_yolo import dist as pdist, yolo
     from parallel_yolo.checkpoint import state as ckpt_state
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     env, device, results = pdist.read_env(), torch.device("cpu"), {}
     with pdist.process_group(env, device):

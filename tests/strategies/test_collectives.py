@@ -19,10 +19,11 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     rank_environment(rank, world, port)
     import torch.distributed as dist
 
-    from parallel_yolo import dist as pdist, yolo
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     torch.manual_seed(0)
     env = pdist.read_env()

@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 import yaml
-
 from conftest import NO_AUGMENT, TINY, check, load_weights, read_csv, run_cli
+
 from parallel_yolo.strategies import REGISTRY
 
 STEPS = 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import NO_AUGMENT, TINY, check, load_weights, read_csv, run_cli
 
 STEPS = 5

@@ -160,10 +160,11 @@ def _checks(strategy, internals, deepspeed, rank: int) -> dict:
 
 def _worker(rank: int, port: int, out: str) -> None:
     rank_environment(rank, WORLD, port)
-    from parallel_yolo import dist as pdist
-    from parallel_yolo.precision import policy
-    from parallel_yolo.strategies import _deepspeed_internals as internals, create, preset
+    from parallel_yolo.launch import dist as pdist
+    from parallel_yolo.strategies import _deepspeed_internals as internals
+    from parallel_yolo.strategies import create, preset
     from parallel_yolo.strategies.deepspeed import import_deepspeed
+    from parallel_yolo.strategies.precision import policy
 
     deepspeed = import_deepspeed()
     env, device = pdist.read_env(), torch.device("cpu")

@@ -15,11 +15,12 @@ def _worker(rank: int, world: int, port: int, optimizer: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from parallel_yolo import dist as pdist, yolo
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
+    from parallel_yolo.engine.step import forward_backward
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
-    from parallel_yolo.step import forward_backward
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     torch.manual_seed(0)
     env = pdist.read_env()

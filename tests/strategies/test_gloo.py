@@ -69,7 +69,7 @@ class _Optimizer:
 def _reduce_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from parallel_yolo.comm import CommCounter
+    from parallel_yolo.monitor.comm import CommCounter
     from parallel_yolo.strategies.gloo import ReduceBySends
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -135,10 +135,10 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
     rank_environment(rank, world, port)
     from torch import nn
 
-    from parallel_yolo import dist as pdist
-    from parallel_yolo.comm import CommCounter
-    from parallel_yolo.precision import policy
+    from parallel_yolo.launch import dist as pdist
+    from parallel_yolo.monitor.comm import CommCounter
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
 
     env, device = pdist.read_env(), torch.device("cpu")
     weights, calls = {}, {}
@@ -189,7 +189,7 @@ def test_every_sharded_strategy_trains_the_same_with_the_module_on_and_off(tmp_p
 
 
 def test_ddp_does_not_load_the_module_or_private_fsdp_modules():
-    code = ("import sys, parallel_yolo.trainer, parallel_yolo.compare, parallel_yolo.strategies.ddp; "
+    code = ("import sys, parallel_yolo.engine.trainer, parallel_yolo.tools.compare, parallel_yolo.strategies.ddp; "
             "print([m for m in sys.modules if m == 'parallel_yolo.strategies.gloo' or '._fully_shard' in m "
             "or m.startswith('deepspeed')])")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import NO_AUGMENT, TINY, check, load_weights, read_csv, run_cli
 
 COMMON = [*TINY, *NO_AUGMENT, "batch=8", "nbs=8", "max_steps=3", "optimizer=SGD", "lr0=0.01", "val=false",

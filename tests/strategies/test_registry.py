@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from parallel_yolo.config import ConfigError, TrainConfig
-from parallel_yolo.dist import read_env
+from parallel_yolo.launch.dist import read_env
 from parallel_yolo.strategies import REGISTRY, preset, select
 
 LAUNCHED = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
@@ -84,7 +84,6 @@ def test_gpus_default_to_mixed_precision(monkeypatch, bf16, strategy, expected):
 
 def test_gpu_accelerate_configs_ask_for_bf16_and_cpu_ones_for_fp32():
     import yaml
-
     from conftest import ROOT
 
     for config in sorted((ROOT / "configs" / "accelerate").glob("*.yaml")):

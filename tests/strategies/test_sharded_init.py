@@ -17,11 +17,12 @@ STRATEGIES = ("fsdp", "hsdp", "zero3")
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     rank_environment(rank, world, port)
-    from parallel_yolo import dist as pdist, yolo
     from parallel_yolo.config import TrainConfig
-    from parallel_yolo.precision import policy
-    from parallel_yolo.step import forward_backward
+    from parallel_yolo.engine.step import forward_backward
+    from parallel_yolo.launch import dist as pdist
     from parallel_yolo.strategies import create, preset
+    from parallel_yolo.strategies.precision import policy
+    from parallel_yolo.tasks import yolo
 
     env, device = pdist.read_env(), torch.device("cpu")
     cfg = TrainConfig(optimizer="MuSGD", lr0=0.01, batch=4)  # MuSGD: its groups follow the parameters' shapes
