@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _ultralytics_internals as ul
-from ..config import ConfigError, _suggest
+from ..config import ConfigError, suggest
 
 __all__ = ["add_callback", "clear_callbacks", "Hooks", "TrainerView"]
 
@@ -37,7 +37,7 @@ def add_callback(event: str, callback: Callable[[Any], None]) -> None:
     script, so register before `train()`."""
     events = ul.trainer_events()
     if event not in events:
-        raise ConfigError(f"add_callback: unknown event '{event}'{_suggest(event, events)}; the training events "
+        raise ConfigError(f"add_callback: unknown event '{event}'{suggest(event, events)}; the training events "
                           f"are {', '.join(events)}")
     if not callable(callback):
         raise ConfigError(f"add_callback('{event}', ...): {callback!r} is not callable")
