@@ -22,10 +22,10 @@ from ..launch import dist
 from ..launch.heartbeat import progress
 from ..monitor import memory
 from ..monitor.runlog import RunLog
-from ..strategies import create, preset, select
-from ..strategies.precision import policy
+from ..strategies import select
 from ..tasks import yolo
-from . import callbacks, recompute
+from . import callbacks
+from .build import build_train_state, make_strategy
 from .recipe import Schedule
 from .step import forward_backward, micro_batches
 from .validate import Evaluator
@@ -60,9 +60,8 @@ def train(cfg: TrainConfig, *, launch_record: Path | None = None) -> dict[str, A
     if cfg.activation_checkpointing == "auto":
         memory.load_meta_kernels()  # its forecast runs on the meta device: code, not the run's memory
     with dist.process_group(env, device, timeout_s=cfg.timeout):
-        strategy = create(name, env=env, device=device, precision=policy(precision),
-                          options={**preset(name, cuda=device.type == "cuda"), "sync_bn": cfg.sync_bn,
-                                   "gloo_collectives": cfg.gloo_collectives, "sharded_init": cfg.sharded_init})
+        strategy = make_strategy(name, precision, env=env, device=device, sync_bn=cfg.sync_bn,
+                                 gloo_collectives=cfg.gloo_collectives, sharded_init=cfg.sharded_init)
         metrics = Trainer(cfg, strategy, launch_record=launch_record).fit()
         del strategy  # the wrapped model holds the group: free it while every rank is still connected
     return metrics
@@ -70,61 +69,63 @@ def train(cfg: TrainConfig, *, launch_record: Path | None = None) -> dict[str, A
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, strategy, *, launch_record: Path | None = None):
-        from ultralytics.utils.torch_utils import init_seeds
-
         self.cfg, self.strategy, self.device = cfg, strategy, strategy.device
-        init_seeds(cfg.seed, cfg.deterministic)
-        # cuDNN tries the convolution algorithms once per shape and keeps the fastest, unless results must repeat
-        torch.backends.cudnn.benchmark = not cfg.deterministic
+        self._seed()
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         self.data = datamod.resolve_dataset(cfg.data)
         self.local_batch, self.micro = cfg.per_rank_batch(strategy.world_size)
-        self.hyp = yolo.hyp_namespace(cfg)
         # verified when `resume=` was resolved; read once here, loaded in _resume
         self.manifest = checkpoint.load_manifest(Path(cfg.resume), verify=False) if cfg.resume else None
         # a resumed run rebuilds the architecture its checkpoint holds, as data: a .pt its manifest names is not loaded
-        spec = self.manifest["model_yaml"] if self.manifest else cfg.model
-        model = yolo.build_model(spec, nc=self.data["nc"], names=self.data["names"], hyp=self.hyp,
-                                 verbose=False, keep=strategy.layer_keeper())
-        self.stride = max(int(model.stride.max()), 32)
-        self.imgsz = self.hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=self.stride)
-        layers, forecast = recompute.choose(model, cfg.activation_checkpointing, strategy=strategy,
-                                            optimizer=cfg.optimizer, images=self.micro, imgsz=self.imgsz,
-                                            budget=cfg.budget_bytes)
-        recomputed = recompute.apply(model, layers)
-        if recomputed or forecast:
-            self._say(f"activation checkpointing: {len(recomputed)} of {len(model.model)} layers recompute their "
-                      f"activations in backward ({cfg.activation_checkpointing}"
-                      f"{': ' + forecast if forecast else ''})")
-        if cfg.compile:
-            model.compile()  # before the strategy wraps it, as compare measures it
-        self._build_loaders()
-        self.accumulate, weight_decay = yolo.nominal_accumulate(cfg, self.batches_per_epoch)
-        make_optimizer = yolo.optimizer_factory(cfg, self.hyp, nc=self.data["nc"],
-                                                dataset_size=len(self.train_loader.dataset), weight_decay=weight_decay)
-        self.model, _ = strategy.setup(model, make_optimizer=make_optimizer)
-        del model
-        self.criterion = yolo.build_criterion(strategy.raw_model)  # on the device the parameters now live on
-        memory.release_freed()
-        self.groups = strategy.param_groups()
-        Schedule.remember_initial(self.groups)
-        self.schedule = Schedule(epochs=cfg.epochs, lrf=cfg.lrf, cos_lr=cfg.cos_lr, warmup_epochs=cfg.warmup_epochs,
-                                 warmup_bias_lr=self.hyp.warmup_bias_lr, warmup_momentum=self.hyp.warmup_momentum,
-                                 momentum=cfg.momentum, batches_per_epoch=self.batches_per_epoch,
-                                 accumulate=self.accumulate)
-        self.ema = strategy.make_ema()
+        state = build_train_state(cfg, strategy, spec=self.manifest["model_yaml"] if self.manifest else cfg.model,
+                                  nc=self.data["nc"], names=self.data["names"], images=self.micro,
+                                  sizing=self._build_loaders)
+        self.model, self.criterion, self.ema = state.model, state.criterion, state.ema
+        self.hyp, self.imgsz = state.hyp, state.imgsz
+        if state.recomputed or state.forecast:
+            self._say(f"activation checkpointing: {len(state.recomputed)} of {len(strategy.raw_model.model)} layers "
+                      f"recompute their activations in backward ({cfg.activation_checkpointing}"
+                      f"{': ' + state.forecast if state.forecast else ''})")
+        self._schedule()
         self.step, self.best_fitness, self.loss_names = 0, None, ("box_loss", "cls_loss", "dfl_loss")
         self.time_in_steps, self.time_waiting = 0.0, 0.0  # seconds between optimizer steps; of them, waiting for data
         self.position, self.last_opt = (0, 0), -1  # (epoch, batch) the next iteration runs; last stepping iteration
         folder = self._resume() if cfg.resume else None
         self._snapshot_buffers()
+        self._outputs(self._run_folder(folder, launch_record))
+
+    def _seed(self) -> None:
+        from ultralytics.utils.torch_utils import init_seeds
+
+        init_seeds(self.cfg.seed, self.cfg.deterministic)
+        # cuDNN tries the convolution algorithms once per shape and keeps the fastest, unless results must repeat
+        torch.backends.cudnn.benchmark = not self.cfg.deterministic
+
+    def _schedule(self) -> None:
+        cfg = self.cfg
+        self.groups = self.strategy.param_groups()
+        Schedule.remember_initial(self.groups)
+        self.schedule = Schedule(epochs=cfg.epochs, lrf=cfg.lrf, cos_lr=cfg.cos_lr, warmup_epochs=cfg.warmup_epochs,
+                                 warmup_bias_lr=self.hyp.warmup_bias_lr, warmup_momentum=self.hyp.warmup_momentum,
+                                 momentum=cfg.momentum, batches_per_epoch=self.batches_per_epoch,
+                                 accumulate=self.accumulate)
+
+    def _run_folder(self, resumed: Path | None, launch_record: Path | None) -> Path:
+        """The resumed run's folder, or a new one named on rank 0; noted for a restarted group."""
+        strategy = self.strategy
         folder = strategy.broadcast_object(
-            folder or RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if strategy.is_main else None)
-        self.log = RunLog(folder, writer=strategy.is_main)
-        self.log.rewind(step=self.step, epochs=self.position[0])  # rows a resumed-from run logged past its checkpoint
+            resumed or RunLog.new_folder(self.cfg.project, self.cfg.name, self.cfg.exist_ok) if strategy.is_main
+            else None)
         if launch_record is not None and strategy.is_main:
             launch_record.parent.mkdir(parents=True, exist_ok=True)
             launch_record.write_text(str(Path(folder).resolve()))
+        return folder
+
+    def _outputs(self, folder: Path) -> None:
+        """The run log, the store mirror, args.yaml, the evaluator and Ultralytics' callbacks, in `folder`."""
+        cfg, strategy = self.cfg, self.strategy
+        self.log = RunLog(folder, writer=strategy.is_main)
+        self.log.rewind(step=self.step, epochs=self.position[0])  # rows a resumed-from run logged past its checkpoint
         self.mirror = remote.mirror(cfg.upload, run=folder, keep_last=cfg.keep_last, active=strategy.is_main)
         self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
                              "world_size": strategy.world_size, "imgsz": self.imgsz})
@@ -162,17 +163,21 @@ class Trainer:
             return None
         return run_folder_of(folder) or folder.parent
 
-    def _build_loaders(self) -> None:
+    def _build_loaders(self, hyp, imgsz: int, stride: int) -> tuple[int, float]:
+        """The loaders (the image size checked against the model's stride); returns the training set's size and the
+        weight decay the optimizer is made with (build_train_state's `sizing`)."""
         cfg, strategy = self.cfg, self.strategy
-        self.workers = dist.loader_workers(cfg.workers, strategy.env)
+        self.hyp, self.workers = hyp, dist.loader_workers(cfg.workers, strategy.env)
         train_set = _on_main_first(strategy, lambda: datamod.build_dataset(
-            self.hyp, self.data, "train", batch=self.local_batch, stride=self.stride, mode="train"))
+            hyp, self.data, "train", batch=self.local_batch, stride=stride, mode="train"))
         val_set = _on_main_first(strategy, lambda: datamod.build_dataset(
-            self.hyp, self.data, "val", batch=self.local_batch * 2, stride=self.stride, mode="val", rect=True))
+            hyp, self.data, "val", batch=self.local_batch * 2, stride=stride, mode="val", rect=True))
         self.train_loader = self._train_loader(train_set)
         self.val_loader = datamod.val_loader(val_set, batch=self.local_batch * 2, workers=self.workers,
                                              distributed=strategy.distributed, device=self.device)
         self.batches_per_epoch = self.train_loader.sampler.batches()
+        self.accumulate, weight_decay = yolo.nominal_accumulate(cfg, self.batches_per_epoch)
+        return len(train_set), weight_decay
 
     def _train_loader(self, dataset):
         return datamod.train_loader(dataset, batch=self.cfg.batch, rank=self.strategy.rank,

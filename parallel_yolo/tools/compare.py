@@ -34,15 +34,12 @@ from typing import Any
 import torch
 
 from ..config import CompareConfig, TrainConfig
-from ..engine import recompute
+from ..engine.build import build_train_state, make_strategy
 from ..engine.step import forward_backward
 from ..launch import dist
 from ..monitor import memory
 from ..monitor.comm import CommCounter
 from ..monitor.runlog import RunLog
-from ..strategies import create, preset
-from ..strategies.precision import policy
-from ..tasks import yolo
 
 __all__ = ["run_compare", "synthetic_batch"]
 
@@ -128,34 +125,22 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
 
 
 def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device):
-    """The strategy with the model set up on it (the layers `checkpointing` names recomputed in backward), its EMA,
-    the loss, the model's parameter count, its MuSGD matrices' count and the forecast activation bytes per image."""
+    """The trainer's train state (engine/build.py) for `name`, the layers `checkpointing` names recomputed in
+    backward; returns the strategy, its EMA, the loss, the model's parameter count, its MuSGD matrices' count and the
+    forecast activation bytes per image."""
     train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
-                            strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0)
-    hyp = yolo.hyp_namespace(train_cfg)
-    strategy = create(name, env=env, device=device, precision=policy(cfg.precision),
-                      options={**preset(name, cuda=device.type == "cuda"), "gloo_collectives": cfg.gloo_collectives,
-                               "sharded_init": cfg.sharded_init})
-    model = yolo.build_model(cfg.model, nc=80, names={i: str(i) for i in range(80)}, hyp=hyp,
-                             keep=strategy.layer_keeper())
-    profiled = recompute.profile(model, cfg.imgsz, full_shape=strategy.full_shape)
-    layers, forecast = recompute.choose(model, checkpointing, strategy=strategy, optimizer=cfg.optimizer,
-                                        images=cfg.batch // env.world_size, imgsz=cfg.imgsz, budget=cfg.budget_bytes,
-                                        profiled=profiled)
-    recompute.apply(model, layers)
-    if forecast and env.rank == 0:
-        print(f"compare: {name}+auto recomputes {len(layers)} layers: {forecast}", flush=True)
-    if cfg.compile:
-        model.compile()
-    sizes = {key: strategy.full_shape(p).numel() for key, p in model.named_parameters()}
-    make_optimizer = yolo.optimizer_factory(train_cfg, hyp, nc=80, dataset_size=cfg.batch, weight_decay=5e-4)
-    strategy.setup(model, make_optimizer=make_optimizer)
-    del model
-    criterion = yolo.build_criterion(strategy.raw_model)
-    memory.release_freed()
+                            strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0, compile=cfg.compile,
+                            activation_checkpointing=checkpointing, budget=cfg.budget)
+    strategy = make_strategy(name, cfg.precision, env=env, device=device, gloo_collectives=cfg.gloo_collectives,
+                             sharded_init=cfg.sharded_init)
+    state = build_train_state(train_cfg, strategy, spec=cfg.model, nc=80, names={i: str(i) for i in range(80)},
+                              images=cfg.batch // env.world_size, sizing=lambda *_: (cfg.batch, 5e-4), profile=True)
+    if state.forecast and env.rank == 0:
+        print(f"compare: {name}+auto recomputes {len(state.recomputed)} layers: {state.forecast}", flush=True)
     strategy.expose_communication()
-    muon = sum(sizes[key] for key in getattr(strategy.inner_optimizer(), "muon_names", ()))
-    return strategy, strategy.make_ema(), criterion, sum(sizes.values()), muon, profiled.activation_bytes(layers)
+    muon = sum(state.sizes[key] for key in getattr(strategy.inner_optimizer(), "muon_names", ()))
+    return (strategy, state.ema, state.criterion, sum(state.sizes.values()), muon,
+            state.profiled.activation_bytes(state.recomputed))
 
 
 def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:

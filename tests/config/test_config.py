@@ -1,4 +1,4 @@
-"""parallel_yolo/config.py: the schemas' defaults are Ultralytics' own where they share its names, the optimizer
+"""parallel_yolo/config/: the schemas' defaults are Ultralytics' own where they share its names, the optimizer
 names are those Ultralytics builds, and the key=value parser types and refuses as documented. (The CLI's whole
 bad-input catalogue is tests/test_cli.py.)"""
 
