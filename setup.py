@@ -1,5 +1,10 @@
 from setuptools import find_packages, setup
 
+S3 = ["boto3>=1.34"]
+TENSORBOARD = ["tensorboard>=2.14"]
+MLFLOW = ["mlflow-skinny>=2.10"]
+DOCS = ["mkdocs>=1.6", "mkdocs-material>=9.5"]
+
 setup(
     name="parallel_yolo",
     version="0.1.0",
@@ -21,10 +26,18 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6.0",
         "rich>=13",  # `parallel-yolo compare` prints its table with it
-        "boto3>=1.34",  # upload=s3://... and resume=/val/consolidate from s3:// (AWS S3, MinIO ...)
     ],
-    # onnx: the test that exports a consolidated .pt; moto: a real S3-compatible server on 127.0.0.1 for the upload
-    # tests; tensorboard and mlflow-skinny: the logger integrations read back
-    extras_require={"test": ["pytest>=8", "onnx", "moto[server]>=5", "tensorboard>=2.14", "mlflow-skinny>=2.10"]},
+    # What the code asks users to install, by feature (each import is gated where it is used, with a one-line hint):
+    # s3: upload=s3://... and resume= / val / consolidate from s3:// (AWS S3, MinIO ...); tensorboard and mlflow:
+    # Ultralytics' logger integrations (`yolo settings tensorboard=True`); docs: the mkdocs site of docs/.
+    # test: moto's real S3-compatible server on 127.0.0.1, onnx for the export test, the loggers read back, the docs
+    # built in strict mode, `build` for the wheel and sdist test.
+    extras_require={
+        "s3": S3,
+        "tensorboard": TENSORBOARD,
+        "mlflow": MLFLOW,
+        "docs": DOCS,
+        "test": ["pytest>=8", "onnx", "moto[server]>=5", "build>=1", *S3, *TENSORBOARD, *MLFLOW, *DOCS],
+    },
     entry_points={"console_scripts": ["parallel-yolo=parallel_yolo.cli:run"]},
 )

@@ -1,4 +1,4 @@
-"""What the quick exit (parallel_yolo/launch/shutdown.py `finish`) saves against Python's plain exit, side by side in one run.
+"""What the quick exit (parallel_yolo/launch/shutdown.py `finish`) saves against Python's plain exit, side by side.
 
     python benchmarks/exit.py [pairs=2] [KEY=VALUE ...]
 

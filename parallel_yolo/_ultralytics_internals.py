@@ -159,7 +159,7 @@ def trainer_method(name: str, *, detection: bool = False) -> Callable:
 
 def run_args(hyp: Any, *, save_dir: Path) -> Any:
     """The trainer's `args` as Ultralytics' integrations read them: the run's hyper-parameters, with `name`, `project`
-    and `save_dir` those of the run folder actually used (train2 when train existed)."""
+    and `save_dir` those of the run folder actually used (train-2 when train existed)."""
     from copy import copy
 
     args = copy(hyp)

@@ -209,16 +209,25 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
+def documented_pages() -> list[Path]:
+    """The README, then the docs pages in the order of mkdocs.yml's nav (the site's own front page is the README)."""
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    pages = [ROOT / "docs" / page for entry in nav for page in entry.values()]
+    return [ROOT / "README.md", *(page for page in pages if page.is_file())]
+
+
 def readme_commands() -> list[str]:
-    """Every shell command of the README's ```bash blocks, in order, as a new user types them: the install prefix
-    (`pip install ... &&`) dropped (the package is installed) and the test command left out."""
-    text = (ROOT / "README.md").read_text()
+    """Every shell command of the ```bash blocks of the README and the docs pages, in order, as a new user types them:
+    the install prefix (`pip install ... &&`) dropped (the package is installed) and the test command left out."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            line = re.sub(r"^pip install [^&]*&&\s*", "", line.strip())
-            if line and not line.startswith("#") and "pytest" not in line:
-                commands.append(line)
+    for page in documented_pages():
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.splitlines():
+                line = re.sub(r"^pip install [^&]*&&\s*", "", line.strip())
+                if line and not line.startswith("#") and "pytest" not in line:
+                    commands.append(line)
     return commands
 
 

@@ -1,4 +1,4 @@
-"""Every shell command in the README's ```bash blocks runs, in order, as a new user would type it.
+"""Every shell command in the ```bash blocks of the README and the docs pages runs, in order, as a new user would type it.
 
 The install prefix (`pip install ... &&`) is dropped (the package is already installed here) and the test
 command itself is skipped; ```text blocks hold commands for GPU nodes and are not run here. The first command (the

@@ -78,7 +78,7 @@ def check_url(key: str, url: str) -> tuple[str, str]:
     try:
         import boto3
     except ImportError:
-        raise ConfigError(f"{key}={url}: needs boto3; pip install boto3") from None
+        raise ConfigError(f"{key}={url}: needs boto3; pip install 'parallel_yolo[s3]' (or boto3)") from None
     if boto3.Session().get_credentials() is None:
         raise ConfigError(f"{key}={url}: no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                           "(and AWS_ENDPOINT_URL for MinIO and other S3-compatible stores), or configure ~/.aws")

@@ -124,6 +124,7 @@ class Hooks:
         if self.view is None:
             return
         self.view.callbacks = ul.integration_callbacks(self.view)
+        _hint_missing_loggers()
         if sharded_params and ul.drop_model_graph(self.view.callbacks):
             print("TensorBoard: model graph not logged: the parameters are sharded, and tracing the model would "
                   "gather all of it on one rank", flush=True)
@@ -157,3 +158,15 @@ class Hooks:
             setattr(self.view, key, value)
         for callback in self.view.callbacks.get(event, ()):
             callback(self.view)
+
+
+def _hint_missing_loggers() -> None:
+    """One line for a logger switched on in Ultralytics' settings whose library is not installed (Ultralytics skips
+    it without a word). TensorBoard only: MLflow is on in Ultralytics' default settings, asked for or not."""
+    import importlib.util
+
+    from ultralytics.utils import SETTINGS
+
+    if SETTINGS.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        print("TensorBoard is on in Ultralytics' settings but not installed, so nothing is logged to it: "
+              "pip install 'parallel_yolo[tensorboard]', or `yolo settings tensorboard=False`", flush=True)

@@ -27,7 +27,7 @@ class RunLog:
 
     @staticmethod
     def new_folder(project: str, name: str, exist_ok: bool) -> Path:
-        """Ultralytics' naming: train, train2, train3 ... unless exist_ok reuses the name."""
+        """Ultralytics' naming (its increment_path): train, train-2, train-3 ... unless exist_ok reuses the name."""
         from ultralytics.utils.files import increment_path
 
         return Path(increment_path(Path(project) / name, exist_ok=exist_ok))

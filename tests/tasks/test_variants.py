@@ -1,6 +1,6 @@
 """Every detection family Ultralytics ships trains under ddp, zero2, zero3 and fsdp on 2 processes, consolidates to
-an Ultralytics .pt that `ultralytics.YOLO(pt).val()` evaluates, or is refused before start in one line; the README's
-family table is this test's output (PARALLEL_YOLO_WRITE_README=1 writes it there)."""
+an Ultralytics .pt that `ultralytics.YOLO(pt).val()` evaluates, or is refused before start in one line; the family
+table of docs/strategies.md is this test's output (PARALLEL_YOLO_WRITE_README=1 writes it there)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _validates(pt: str, checkpoint: str, folder: str) -> str:
 
 
 def table(cells: dict[tuple[str, str], str]) -> str:
-    """The README's family table: a row per model yaml, a column per strategy."""
+    """The family table of docs/strategies.md: a row per model yaml, a column per strategy."""
     lines = ["| family | model yaml | " + " | ".join(STRATEGIES) + " |", "|---|---|" + "---|" * len(STRATEGIES)]
     for family, spec in FAMILIES:
         row = [cells[spec, name] for name in STRATEGIES]
@@ -104,14 +104,14 @@ def test_every_family_trains_consolidates_and_validates_or_is_refused(tmp_path):
             cells[spec, name] = outcome.replace("|", "/")
     text = table(cells)
     failed = {k: v for k, v in cells.items() if v.startswith("FAILED")}
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "strategies.md").read_text()
     start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
     assert not failed, failed
     if os.environ.get("PARALLEL_YOLO_WRITE_README") == "1":
-        (ROOT / "README.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
+        (ROOT / "docs" / "strategies.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
     else:
         assert re.sub(r"\s+", " ", readme[start:end]).strip() == re.sub(r"\s+", " ", text).strip(), \
-            "the README's family table is stale: run this test with PARALLEL_YOLO_WRITE_README=1"
+            "the family table of docs/strategies.md is stale: run this test with PARALLEL_YOLO_WRITE_README=1"
     # what the issue names as the point: no family is left unchecked, RT-DETR is refused before start
     assert all(cells["rtdetr-l.yaml", name].startswith("refused: model=rtdetr-l.yaml: its last layer is RTDETRDecoder, "
                                                        "RT-DETR's decoder") for name in STRATEGIES)
