@@ -257,6 +257,16 @@ def trained_run(readme_demo) -> Path:
     return readme_demo / "runs" / "detect" / "train"
 
 
+@pytest.fixture()
+def one_rank_group(tmp_path):
+    """A process group of this process alone (gloo): what strategies and collectives need, in-process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

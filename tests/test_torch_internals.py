@@ -16,13 +16,6 @@ from parallel_yolo import _torch_internals as internals
 from parallel_yolo._internals import TESTED, LibraryChanged, require
 
 
-@pytest.fixture()
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
-    yield
-    dist.destroy_process_group()
-
-
 def test_default_group_timeout_is_what_groups_made_later_take():
     from torch.distributed import distributed_c10d
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
-import torch.distributed as dist
 from conftest import ROOT
 
 from parallel_yolo.config import TrainConfig
@@ -29,14 +27,7 @@ def test_the_sequence_is_written_once_and_train_and_compare_call_it():
         assert "build_train_state(" in (package / user).read_text(), user
 
 
-@pytest.fixture()
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
-    yield
-    dist.destroy_process_group()
-
-
-def test_a_state_built_for_single_trains_with_what_it_was_asked(one_rank):
+def test_a_state_built_for_single_trains_with_what_it_was_asked(one_rank_group):
     cfg = TrainConfig(imgsz=64, batch=2, optimizer="SGD", activation_checkpointing="backbone")
     strategy = make_strategy("single", "fp32", env=DistEnv(), device=torch.device("cpu"), gloo_collectives=False)
     asked = []

@@ -4,22 +4,13 @@ their loss items."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-import torch.distributed as dist
 from conftest import demo_train_set
 
 from parallel_yolo.config import TrainConfig
 from parallel_yolo.engine.build import build_train_state, make_strategy
 from parallel_yolo.engine.step import forward_backward, micro_batches
 from parallel_yolo.launch.dist import DistEnv
-
-
-@pytest.fixture()
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
-    yield
-    dist.destroy_process_group()
 
 
 def loader_batch(n: int = 4) -> dict:
@@ -39,7 +30,7 @@ def test_micro_batches_keep_each_image_with_its_boxes():
             assert torch.equal(part["img"][i], batch["img"][2 * k + i].float() / 255)
 
 
-def test_micro_batches_accumulate_gradients_and_average_the_loss_items(one_rank):
+def test_micro_batches_accumulate_gradients_and_average_the_loss_items(one_rank_group):
     cfg = TrainConfig(imgsz=64, batch=4, optimizer="SGD")
     strategy = make_strategy("single", "fp32", env=DistEnv(), device=torch.device("cpu"), gloo_collectives=False)
     state = build_train_state(cfg, strategy, spec="yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, images=4,

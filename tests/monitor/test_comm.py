@@ -13,13 +13,6 @@ from conftest import TINY, check, read_csv, run_cli
 from parallel_yolo.monitor.comm import STRICT_DEVICE, HostTensorError, StrictDevice
 
 
-@pytest.fixture()
-def one_rank_group(tmp_path):
-    tdist.init_process_group("gloo", rank=0, world_size=1, store=tdist.FileStore(str(tmp_path / "store"), 1))
-    yield
-    tdist.destroy_process_group()
-
-
 def test_host_tensors_are_refused_and_device_tensors_pass(one_rank_group):
     device = torch.device("cpu")  # what the strategy's device is on this machine
     weight = torch.nn.Parameter(torch.ones(3))  # made outside: a model's tensor

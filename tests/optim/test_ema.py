@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from copy import deepcopy
 
-import pytest
 import torch
-import torch.distributed as dist
 from ultralytics.utils.torch_utils import ModelEMA
 
 from parallel_yolo.config import TrainConfig
@@ -15,13 +13,6 @@ from parallel_yolo.engine.build import build_train_state, make_strategy
 from parallel_yolo.launch.dist import DistEnv
 from parallel_yolo.optim.ema import ShardedEMA
 from parallel_yolo.strategies.base import ReplicatedEMA
-
-
-@pytest.fixture()
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.FileStore(str(tmp_path / "store"), 1))
-    yield
-    dist.destroy_process_group()
 
 
 def state_for(name: str):
@@ -32,7 +23,7 @@ def state_for(name: str):
                              sizing=lambda *_: (64, 5e-4))
 
 
-def test_the_sharded_ema_follows_ultralytics_model_ema(one_rank):
+def test_the_sharded_ema_follows_ultralytics_model_ema(one_rank_group):
     state = state_for("fsdp")
     assert isinstance(state.ema, ShardedEMA)
     full = deepcopy(state.ema.full_model()).train()  # the model's weights now, as one module
@@ -57,5 +48,5 @@ def test_the_sharded_ema_follows_ultralytics_model_ema(one_rank):
     assert moved > 100  # the EMA lags the weights: the check compared something
 
 
-def test_strategies_with_whole_parameters_use_model_ema(one_rank):
+def test_strategies_with_whole_parameters_use_model_ema(one_rank_group):
     assert isinstance(state_for("ddp").ema, ReplicatedEMA)
