@@ -38,11 +38,13 @@ __all__ = ["finish", "ExitWatch", "DONE_DIR", "GRACE_S", "LAUNCHER_GRACE_S"]
 DONE_DIR = "PARALLEL_YOLO_DONE_DIR"
 """The folder in which the ranks of an `nproc=N` launch note that they finished (set by ExitWatch, inherited)."""
 
-GRACE_S = 15.0
-"""How long a rank's exit may take after its work ended (threads, atexit handlers) before the rank ends itself."""
+GRACE_S = float(os.environ.get("PARALLEL_YOLO_EXIT_GRACE_S", "15"))
+"""How long a rank's exit may take after its work ended (threads, atexit handlers) before the rank ends itself;
+PARALLEL_YOLO_EXIT_GRACE_S sets it (a logger that uploads at exit may need longer)."""
 
-LAUNCHER_GRACE_S = 25.0
-"""How long after a rank noted that it finished the launcher waits for it to exit before it kills it."""
+LAUNCHER_GRACE_S = GRACE_S + 10
+"""How long after a rank noted that it finished the launcher waits for it to exit before it kills it: the rank's
+own grace first, so that it can print its threads' stacks."""
 
 
 def finish(code: int) -> NoReturn:

@@ -20,11 +20,15 @@ from conftest import TINY, read_csv, run_cli
 from parallel_yolo.launch import shutdown
 
 
+GRACE_S = 2.0  # the rank's exit grace in these tests (PARALLEL_YOLO_EXIT_GRACE_S); the launcher's is 10 s more
+
+
 def library(folder: Path, code: str) -> dict:
     """The environment of a command whose processes import `code` at start, as a library imported by them would."""
     folder.mkdir(exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent(code))
-    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+    return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]),
+            "PARALLEL_YOLO_EXIT_GRACE_S": str(GRACE_S)}
 
 
 ORDER = """
@@ -67,16 +71,16 @@ def test_a_process_whose_exit_hangs_ends_itself_and_tells_the_launcher(tmp_path)
     """Under any launcher the rank's own watchdog ends it; under `nproc=N` the launcher hears of it (ExitWatch)."""
     env = {**library(tmp_path / "lib", STUCK_THREAD), "RANK": "1"}
     start = time.time()
-    with shutdown.ExitWatch() as watch:
-        result = run_cli("help", cwd=tmp_path, env=env, timeout=shutdown.GRACE_S + 30)
+    with shutdown.ExitWatch(grace=GRACE_S + 10) as watch:
+        result = run_cli("help", cwd=tmp_path, env=env, timeout=GRACE_S + 30)
     took = time.time() - start
     assert result.returncode == 1, result.stderr[-2000:]
-    assert shutdown.GRACE_S <= took < shutdown.GRACE_S + 8, took
+    assert GRACE_S <= took < GRACE_S + 8, took
     assert "rank 1's threads" in result.stderr and 'File "' in result.stderr  # every thread's stack
     assert len(watch.problems) == 1 and "rank 1 finished its work" in watch.problems[0]
     assert "stuck-library-thread" in watch.problems[0], watch.problems
     # without a launcher the process says it in its own words
-    result = run_cli("help", cwd=tmp_path, env=library(tmp_path / "lib", STUCK_THREAD), timeout=shutdown.GRACE_S + 30)
+    result = run_cli("help", cwd=tmp_path, env=library(tmp_path / "lib", STUCK_THREAD), timeout=GRACE_S + 30)
     errors = [line for line in result.stderr.splitlines() if line.startswith("parallel-yolo: error:")]
     assert result.returncode == 1 and len(errors) == 1 and "stuck-library-thread" in errors[0], result.stderr
 
@@ -123,7 +127,7 @@ def test_a_compiled_sharded_run_exits_soon_after_its_last_step(tmp_path):
                 done_at = time.time()
                 break
         assert done_at, "the run ended without printing done"
-        process.wait(timeout=shutdown.LAUNCHER_GRACE_S + 30)
+        process.wait(timeout=shutdown.LAUNCHER_GRACE_S + 30)  # the default graces: nothing set here
         exited_in = time.time() - done_at
     finally:
         if process.poll() is None:
