@@ -52,13 +52,14 @@ def make_strategy(name: str, precision: str, *, env, device, **options) -> Strat
 
 def build_train_state(cfg: TrainConfig, strategy: Strategy, *, spec: str | dict, nc: int, names: dict[int, str],
                       images: int, sizing: Callable[[SimpleNamespace, int, int], tuple[int, float]],
-                      profile: bool = False) -> TrainState:
+                      profile: bool = False, hyp: SimpleNamespace | None = None) -> TrainState:
     """The model of `spec` (a model yaml, a .pt, or a checkpoint's description) set up on `strategy` for `cfg`.
     `images`: the images of one forward pass per rank (activation_checkpointing=auto plans for them).
     `sizing(hyp, imgsz, stride)`: called once the image size is known, before the optimizer is made; returns the
     training set's size and the weight decay (Ultralytics scales both into the optimizer; the trainer builds its
-    loaders there). `profile`: also profile the model's activations (compare reports their forecast)."""
-    hyp = yolo.hyp_namespace(cfg)
+    loaders there). `profile`: also profile the model's activations (compare reports their forecast). `hyp`:
+    Ultralytics' hyper-parameters for `cfg` (yolo.hyp_namespace), when the caller made them already."""
+    hyp = hyp or yolo.hyp_namespace(cfg)
     model = yolo.build_model(spec, nc=nc, names=names, hyp=hyp, verbose=False, keep=strategy.layer_keeper())
     stride = max(int(model.stride.max()), 32)
     imgsz = hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=stride)

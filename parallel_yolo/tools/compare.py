@@ -40,6 +40,7 @@ from ..launch import dist
 from ..monitor import memory
 from ..monitor.comm import CommCounter
 from ..monitor.runlog import RunLog
+from ..tasks import yolo
 
 __all__ = ["run_compare", "synthetic_batch"]
 
@@ -131,10 +132,14 @@ def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistE
     train_cfg = TrainConfig(model=cfg.model, batch=cfg.batch, imgsz=cfg.imgsz, optimizer=cfg.optimizer,
                             strategy=name, precision=cfg.precision, epochs=1, warmup_epochs=0, compile=cfg.compile,
                             activation_checkpointing=checkpointing, budget=cfg.budget)
+    # Ultralytics' hyper-parameters before the strategy: its memory baseline then excludes what Ultralytics' config
+    # loads on first use (~28 MiB), as compare's figures always have
+    hyp = yolo.hyp_namespace(train_cfg)
     strategy = make_strategy(name, cfg.precision, env=env, device=device, gloo_collectives=cfg.gloo_collectives,
                              sharded_init=cfg.sharded_init)
     state = build_train_state(train_cfg, strategy, spec=cfg.model, nc=80, names={i: str(i) for i in range(80)},
-                              images=cfg.batch // env.world_size, sizing=lambda *_: (cfg.batch, 5e-4), profile=True)
+                              images=cfg.batch // env.world_size, sizing=lambda *_: (cfg.batch, 5e-4), profile=True,
+                              hyp=hyp)
     if state.forecast and env.rank == 0:
         print(f"compare: {name}+auto recomputes {len(state.recomputed)} layers: {state.forecast}", flush=True)
     strategy.expose_communication()
