@@ -33,7 +33,6 @@ class TrainState:
     ema: Any
     hyp: SimpleNamespace
     imgsz: int
-    stride: int
     recomputed: list[int]
     """The layers that recompute their activations in backward."""
     forecast: str | None
@@ -78,5 +77,5 @@ def build_train_state(cfg: TrainConfig, strategy: Strategy, *, spec: str | dict,
     criterion = yolo.build_criterion(strategy.raw_model)  # on the device the parameters now live on
     memory.release_freed()
     return TrainState(strategy=strategy, model=wrapped, criterion=criterion, ema=strategy.make_ema(), hyp=hyp,
-                      imgsz=imgsz, stride=stride, recomputed=recomputed, forecast=forecast, sizes=sizes,
+                      imgsz=imgsz, recomputed=recomputed, forecast=forecast, sizes=sizes,
                       profiled=profiled)

@@ -167,7 +167,7 @@ class Trainer:
         """The loaders (the image size checked against the model's stride); returns the training set's size and the
         weight decay the optimizer is made with (build_train_state's `sizing`)."""
         cfg, strategy = self.cfg, self.strategy
-        self.hyp, self.workers = hyp, dist.loader_workers(cfg.workers, strategy.env)
+        self.workers = dist.loader_workers(cfg.workers, strategy.env)
         train_set = _on_main_first(strategy, lambda: datamod.build_dataset(
             hyp, self.data, "train", batch=self.local_batch, stride=stride, mode="train"))
         val_set = _on_main_first(strategy, lambda: datamod.build_dataset(
