@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from parallel_yolo.data.loader import demo_dataset
+from parallel_yolo.data.demo import demo_dataset
 
 
 def tiny_val_data(folder: Path) -> Path:

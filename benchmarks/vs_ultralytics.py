@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     args = {"model": "yolov8n.yaml", "epochs": "15", "batch": "16", "imgsz": "160", "workers": "2", "rounds": "2",
             "images": "192"}
     args.update(a.split("=", 1) for a in argv)
-    from parallel_yolo.data.loader import demo_dataset
+    from parallel_yolo.data.demo import demo_dataset
 
     data = str(demo_dataset(n_train=int(args["images"]), n_val=int(args["images"]) // 4, size=int(args["imgsz"])))
     env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_VERBOSE": "False"}

@@ -148,13 +148,11 @@ def trainer_events() -> tuple[str, ...]:
     return events[:events.index("teardown") + 1]
 
 
-def trainer_method(name: str, *, detection: bool = False) -> Callable:
-    """A method of Ultralytics' trainer (DetectionTrainer's with `detection`), to call on a stand-in that has the
-    attributes it reads (label_loss_items: loss_names; the plots: save_dir, on_plot, data, train_loader)."""
-    from ultralytics.engine.trainer import BaseTrainer
-    from ultralytics.models.yolo.detect import DetectionTrainer
-
-    return require(DetectionTrainer if detection else BaseTrainer, name, "ultralytics", "the trainer's callbacks")
+def trainer_method(name: str, trainer_class: type) -> Callable:
+    """A method of Ultralytics' trainer of a task (`trainer_class`: DetectionTrainer, PoseTrainer, ...), to call on a
+    stand-in that has the attributes it reads (label_loss_items: loss_names; the plots: save_dir, on_plot, data,
+    train_loader, and the trainer's own helper methods, e.g. the semantic trainer's get_class_counts)."""
+    return require(trainer_class, name, "ultralytics", "the trainer's callbacks and plots")
 
 
 def run_args(hyp: Any, *, save_dir: Path) -> Any:
@@ -223,8 +221,10 @@ def use_local_font() -> None:
 
 
 # ---- sharded initialisation -----------------------------------------------------------------------------------------
-def build_layer_by_layer(cfg: dict, *, nc: int, take: Callable[[nn.Module, bool], None]) -> nn.Module:
-    """A DetectionModel built as DetectionModel(cfg, nc=nc) builds it, handing each top-level layer to `take(layer,
+def build_layer_by_layer(cfg: dict, *, nc: int, take: Callable[[nn.Module, bool], None],
+                         model_class: type | None = None) -> nn.Module:
+    """A DetectionModel (or `model_class`, a subclass: the segment, pose, OBB and depth models, whose __init__ adds
+    nothing but attributes read from `cfg`) built as model_class(cfg, nc=nc) builds it, handing each top-level layer to `take(layer,
     last)` as soon as Ultralytics' parse_model has made it, so that no process holds every layer at once: `take` keeps
     its share and leaves the layer's tensors on the meta device. The random generator is drawn exactly as in the
     whole build (the same constructors in the same order), so every value is the whole build's.
@@ -247,7 +247,8 @@ def build_layer_by_layer(cfg: dict, *, nc: int, take: Callable[[nn.Module, bool]
             shapes.update((f"model.{layer.i}.{k}", t.shape) for k, t in _tensors_of(layer))
             take(layer, False)
 
-    model = tasks.DetectionModel.__new__(tasks.DetectionModel)
+    model_class = model_class or tasks.DetectionModel
+    model = model_class.__new__(model_class)
     nn.Module.__init__(model)
     with _each_layer_made(made):
         initialise(model, cfg, 3, nc, False)
@@ -270,6 +271,8 @@ def build_layer_by_layer(cfg: dict, *, nc: int, take: Callable[[nn.Module, bool]
     else:
         model.stride = torch.Tensor([32])
     initialize_weights(model)
+    if "kpt_shape" in cfg:  # PoseModel.__init__'s own attribute
+        model.kpt_shape = cfg["kpt_shape"]
     take(head, True)
     return model
 

@@ -12,7 +12,7 @@ import yaml
 from conftest import run_cli
 
 from parallel_yolo.cli import main
-from parallel_yolo.data.loader import demo_dataset
+from parallel_yolo.data.demo import demo_dataset
 
 
 def dataset(root: Path, *, label: str = "0 0.5 0.5 0.2 0.2", only_first: bool = False, val: bool = True) -> str:

@@ -425,7 +425,7 @@ def is_fetched(folder: Path) -> bool:
 
 
 def _cache_root() -> Path:
-    from ..data.loader import cache_dir
+    from ..data.demo import cache_dir
 
     return cache_dir() / "s3"
 

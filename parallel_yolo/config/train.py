@@ -17,15 +17,19 @@ class TrainConfig:
     """Everything `parallel-yolo train` accepts. `batch` is the GLOBAL batch over all processes."""
 
     model: str = "yolov8n.yaml"
-    """An Ultralytics model yaml (yolov8n.yaml, yolo11x.yaml, yolov8x-p6.yaml, a local file) or a local .pt."""
+    """An Ultralytics model yaml (yolov8n.yaml, yolo11x-seg.yaml, yolov8x-p6.yaml, a local file) or a local .pt. The
+    task follows the model, as in Ultralytics: detect, segment, pose, obb, classify, semantic or depth."""
     data: str = "demo"
-    """An Ultralytics data yaml, or `demo` for the synthetic shapes dataset generated into a cache folder."""
+    """An Ultralytics data yaml (classification: a folder of class folders), or `demo`: the synthetic shapes data of
+    the model's task, generated into a cache folder (demo-seg, demo-pose, demo-obb, demo-cls, demo-sem, demo-depth
+    name one)."""
     epochs: int = 100
     batch: int = 16
     """Global batch: images per iteration summed over all processes (batch=64 on 8 GPUs = 8 per GPU)."""
     micro_batch: int | None = None
     """Images per forward pass on one process; default batch/world_size. Smaller values accumulate gradients."""
-    imgsz: int = 640
+    imgsz: int | None = None
+    """Training and validation image size; None: 640, or 224 for classification, as Ultralytics."""
     workers: int = 8
     """Dataloader workers per process, at most the CPU cores divided by the local processes (as Ultralytics)."""
     prefetch_factor: int = 4
@@ -105,7 +109,7 @@ class TrainConfig:
     """Ultralytics hyper-parameters from ULTRALYTICS_KEYS that were set explicitly."""
 
     def __post_init__(self) -> None:
-        positive(self, "epochs", "batch", "imgsz")
+        positive(self, "epochs", "batch", *(("imgsz",) if self.imgsz is not None else ()))
         at_least(self, 0, "workers", "close_mosaic", "ckpt_every", "warmup_epochs", "lr0", "lrf", "weight_decay")
         at_least(self, 1, "keep_last", "prefetch_factor")
         at_least(self, 0, "max_restarts", "upload_wait")

@@ -7,11 +7,8 @@ the images a single process sees, split the same way a single process splits the
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,83 +19,29 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .._ultralytics_internals import mosaic_from_whole_dataset
 from ..config import ConfigError, Unanimous
+from .demo import DEMOS, demo_dataset, demo_task
 
-__all__ = ["resolve_dataset", "demo_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
+__all__ = ["resolve_dataset", "GlobalBatchSampler", "SeededSamples", "train_loader", "val_loader",
            "preprocess", "split_batch", "Timed", "wait_report"]
 
-DEMO_CLASSES = {0: "square", 1: "circle", 2: "triangle"}
-DEMO_VERSION = 1
+def resolve_dataset(spec: str, task: str = "detect") -> dict[str, Any]:
+    """Ultralytics' parsed data dict for a `task` model (paths resolved, names, nc) from a data yaml, a classification
+    folder or a demo (`demo`: the task's own); never downloads. What the task's Ultralytics trainer adds to it is added
+    (semantic: a background class for polygon labels), and data of another task is refused by name."""
+    from ultralytics.data.utils import add_polygon_background, check_det_dataset
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PARALLEL_YOLO_CACHE", Path.home() / ".cache" / "parallel_yolo"))
-
-
-def demo_dataset(*, n_train: int = 256, n_val: int = 64, size: int = 160, seed: int = 0) -> Path:
-    """Generate (once) the shapes dataset in YOLO layout and return its data yaml.
-
-    Each image holds 1-3 filled shapes of the three classes on a noisy background. Generation is deterministic
-    and atomic (written to a temporary folder, then renamed), so concurrent ranks never see half a dataset.
-    """
-    key = hashlib.sha1(f"{DEMO_VERSION}-{n_train}-{n_val}-{size}-{seed}".encode()).hexdigest()[:10]
-    root = cache_dir() / f"demo-{key}"
-    yaml_file = root / "data.yaml"
-    if yaml_file.is_file():
-        return yaml_file
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n_train), ("val", n_val)):
-        (tmp / "images" / split).mkdir(parents=True)
-        (tmp / "labels" / split).mkdir(parents=True)
-        for i in range(count):
-            image, labels = _shapes_image(rng, size)
-            _write_png(tmp / "images" / split / f"{i:05d}.png", image)
-            (tmp / "labels" / split / f"{i:05d}.txt").write_text(
-                "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels))
-    names = "".join(f"  {k}: {v}\n" for k, v in DEMO_CLASSES.items())
-    (tmp / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n{names}")
-    try:
-        tmp.rename(root)
-    except OSError:  # another process finished first: theirs is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    return yaml_file
-
-
-def _shapes_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple]]:
-    import cv2
-
-    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
-    labels = []
-    for _ in range(rng.integers(1, 4)):
-        cls = int(rng.integers(0, 3))
-        side = int(rng.integers(size // 6, size // 3))
-        x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
-        color = tuple(int(c) for c in rng.integers(120, 256, 3))
-        if cls == 0:
-            cv2.rectangle(image, (x0, y0), (x0 + side - 1, y0 + side - 1), color, -1)
-        elif cls == 1:
-            cv2.circle(image, (x0 + side // 2, y0 + side // 2), side // 2, color, -1)
-        else:
-            points = np.array([[x0 + side // 2, y0], [x0, y0 + side - 1], [x0 + side - 1, y0 + side - 1]])
-            cv2.fillPoly(image, [points.astype(np.int32)], color)
-        labels.append((cls, (x0 + side / 2) / size, (y0 + side / 2) / size, side / size, side / size))
-    return image, labels
-
-
-def _write_png(path: Path, image: np.ndarray) -> None:
-    import cv2
-
-    cv2.imwrite(str(path), image)
-
-
-def resolve_dataset(spec: str) -> dict[str, Any]:
-    """Ultralytics' parsed data dict (paths resolved, names, nc) for a data yaml or `demo`; never downloads."""
-    from ultralytics.data.utils import check_det_dataset
-
-    path = demo_dataset() if spec == "demo" else Path(spec)
+    named = task if spec == "demo" else demo_task(spec)
+    if named is not None and named != task:
+        raise ConfigError(f"data={spec} is the {named} demo, and the model is a {task} model; use data={DEMOS[task]} "
+                          f"(or data=demo, the demo of the model's task)")
+    path = demo_dataset(task) if named else Path(spec)
+    if task == "classify":
+        return _classification_data(spec, path)
+    if path.is_dir():
+        raise ConfigError(f"data={spec} is a folder: a {task} model trains on an Ultralytics data yaml (train:, val:, "
+                          "names:); a folder of class folders is classification data, for a -cls model")
     if not path.is_file():
-        raise ConfigError(f"data={spec}: file not found; pass an Ultralytics data yaml (COCO layout) or data=demo")
+        raise ConfigError(f"data={spec}: file not found; pass an Ultralytics data yaml or data=demo")
     try:
         data = check_det_dataset(str(path), autodownload=False)
     except Exception as e:  # Ultralytics raises several types, with emoji-laden multi-line messages
@@ -110,6 +53,33 @@ def resolve_dataset(spec: str) -> dict[str, Any]:
             if Path(folder).is_dir() and not _has_images(Path(folder)):
                 raise ConfigError(f"data={spec}: no images in {folder} ('{split}:'); put the images there "
                                   "(jpg, png, ...) or point '{split}:' at the folder that holds them")
+    if task == "pose" and "kpt_shape" not in data:
+        raise ConfigError(f"data={spec}: no 'kpt_shape:'; a pose model trains on keypoint data whose yaml gives "
+                          "their shape (e.g. kpt_shape: [17, 3]) and, for flipped images, flip_idx")
+    if task != "pose" and "kpt_shape" in data:
+        raise ConfigError(f"data={spec} is keypoint data (it has kpt_shape); train it with a -pose model")
+    if task == "semantic":
+        add_polygon_background(data)  # as SemanticSegmentationTrainer.get_dataset
+    return data
+
+
+def _classification_data(spec: str, path: Path) -> dict[str, Any]:
+    """Ultralytics' classification layout: a folder with train/ and val/ (or test/), a folder per class in each."""
+    from ultralytics.data.utils import check_cls_dataset
+
+    if not path.is_dir():
+        raise ConfigError(f"data={spec}: a classification model trains on a folder holding train/ and val/, each with "
+                          "a folder of images per class (Ultralytics' layout), not a data yaml or a missing path")
+    if not (path / "train").is_dir() or not any((path / s).is_dir() for s in ("val", "test")):
+        raise ConfigError(f"data={spec}: no train/ and val/ folders in it; put a folder per class under "
+                          f"{path / 'train'} and {path / 'val'}")
+    try:
+        data = check_cls_dataset(str(path))
+    except Exception as e:
+        raise ConfigError(f"data={spec}: {_plain(e)}; fix the folder layout (train/CLASS/image, val/CLASS/image)") \
+            from None
+    data["val"] = data.get("val") or data.get("test")
+    data["path"] = str(path)  # what Ultralytics' own trainer is given as data= for this layout
     return data
 
 
@@ -130,10 +100,15 @@ def check_imgsz(imgsz: int, *, stride: int) -> int:
 
 def build_dataset(hyp: Any, data: dict[str, Any], split: str, *, batch: int, stride: int, mode: str,
                   rect: bool = False) -> Dataset:
-    """Ultralytics' YOLODataset for one split. Labels it would silently skip as corrupt (a class index >= nc,
-    coordinates outside [0, 1]) are refused: training on a quietly smaller dataset is a mistake found too late."""
+    """Ultralytics' dataset of `hyp.task` for one split (YOLODataset and its semantic and depth kinds, or
+    ClassificationDataset), as the task's trainer builds it. Labels it would silently skip as corrupt (a class index
+    >= nc, coordinates outside [0, 1], another keypoint count) are refused, and so are labels of another task (boxes
+    without polygons for a segment or OBB model): training on a quietly smaller or empty dataset is a mistake found
+    too late."""
     from ultralytics.data.build import build_yolo_dataset
 
+    if hyp.task == "classify":
+        return _classification_dataset(hyp, data, split, mode=mode)
     try:
         dataset = build_yolo_dataset(hyp, data[split], batch, data, mode=mode, rect=rect, stride=stride)
     except FileNotFoundError as e:  # no images
@@ -141,17 +116,53 @@ def build_dataset(hyp: Any, data: dict[str, Any], split: str, *, batch: int, str
                           "yaml") from None
     except RuntimeError as e:  # not one valid label: Ultralytics lists the reasons on the lines after the first
         lines = str(e).splitlines()
-        raise ConfigError(_corrupt(split, "every label file is", _plain(lines[1] if len(lines) > 1 else e), data)) from None
-    skipped = sorted(set(dataset.label_files) - set(_label_files(dataset.im_files)))
+        raise ConfigError(_corrupt(split, "every label file is", _plain(lines[1] if len(lines) > 1 else e), data,
+                                   hyp.task)) from None
+    found = dataset.get_img_files(data[split])
+    skipped = sorted(set(found) - set(dataset.im_files))
     if skipped:
-        count = f"{len(skipped)} of {len(dataset.label_files)} label files are"
-        raise ConfigError(_corrupt(split, count, _why_corrupt(skipped[0], data), data))
+        count = f"{len(skipped)} of {len(found)} label files are"
+        raise ConfigError(_corrupt(split, count, _why_corrupt(skipped[0], data, hyp.task), data, hyp.task))
+    if hyp.task in ("segment", "obb"):
+        boxes_only = [lb["im_file"] for lb in dataset.labels if len(lb["cls"]) and not len(lb.get("segments", ()))]
+        if boxes_only:
+            raise ConfigError(f"{split} labels: {len(boxes_only)} images have boxes but no {_SHAPE[hyp.task]}, e.g. "
+                              f"{_label_files(boxes_only[:1])[0]}: detection labels; a {hyp.task} model trains on "
+                              f"{_SHAPE[hyp.task]} ({_ROW[hyp.task]})")
     return dataset
 
 
-def _corrupt(split: str, count: str, example: str, data: dict[str, Any]) -> str:
-    return (f"{split} labels: {count} corrupt, e.g. {example}; fix them (one 'class x y w h' row per "
-            f"box, class < nc={data['nc']}, coordinates normalised to [0, 1])")
+_SHAPE = {"segment": "polygons", "obb": "rotated boxes"}
+_ROW = {"detect": "one 'class x y w h' row per box", "segment": "one 'class x1 y1 x2 y2 ...' row per object",
+        "obb": "one 'class x1 y1 x2 y2 x3 y3 x4 y4' row per object",
+        "pose": "one 'class x y w h' row per object, then x y (visible) per keypoint as kpt_shape says"}
+
+
+def _classification_dataset(hyp: Any, data: dict[str, Any], split: str, *, mode: str) -> Dataset:
+    """ClassificationDataset as ClassificationTrainer.build_dataset makes it; an image it cannot read is refused."""
+    from ultralytics.data import ClassificationDataset
+
+    dataset = ClassificationDataset(str(data[split]), hyp, augment=mode == "train",
+                                    prefix="train" if mode == "train" else split, names=data["names"])
+    if not dataset.samples:
+        raise ConfigError(f"{split} images {data[split]}: none found; put the images in a folder per class there")
+    found = sum(1 for folder in Path(data[split]).iterdir() if folder.is_dir() for _ in _images_in(folder))
+    if found != len(dataset.samples):
+        raise ConfigError(f"{split} images: {found - len(dataset.samples)} of {found} cannot be read (corrupt or "
+                          f"not an image); remove or replace them in {data[split]}")
+    return dataset
+
+
+def _images_in(folder: Path):
+    from ultralytics.data.utils import IMG_FORMATS
+
+    return (p for p in folder.rglob("*.*") if p.suffix[1:].lower() in IMG_FORMATS)
+
+
+def _corrupt(split: str, count: str, example: str, data: dict[str, Any], task: str) -> str:
+    what = _ROW.get(task, "one label per image, of the image's size")
+    return f"{split} labels: {count} corrupt, e.g. {example}; fix them ({what}, class < nc={data['nc']}, " \
+           "coordinates normalised to [0, 1])"
 
 
 def _plain(message: Any) -> str:
@@ -167,16 +178,16 @@ def _label_files(images: list[str]) -> list[str]:
     return img2label_paths(images)
 
 
-def _why_corrupt(label_file: str, data: dict[str, Any]) -> str:
-    """Ultralytics' own verdict on one label file (it finds the image by the labels/ -> images/ convention)."""
+def _why_corrupt(image: str, data: dict[str, Any], task: str) -> str:
+    """Ultralytics' own verdict on the label file of one skipped image (YOLO-format labels), else the image."""
     from ultralytics.data.utils import verify_image_label
 
-    stem = Path(label_file.replace(f"{os.sep}labels{os.sep}", f"{os.sep}images{os.sep}"))
-    images = sorted(stem.parent.glob(stem.stem + ".*"))
-    if not images:
-        return label_file
-    message = verify_image_label((str(images[0]), label_file, "", False, data["nc"], 0, 0, False))[-1]
-    return _plain(message) or label_file
+    label = _label_files([image])[0]
+    if task in ("semantic", "depth") or not Path(label).is_file():
+        return f"{image} (no label of its own, or one Ultralytics could not read)"
+    nkpt, ndim = data.get("kpt_shape") or (0, 0)
+    message = verify_image_label((image, label, "", task == "pose", data["nc"], nkpt, ndim, False))[-1]
+    return _plain(message) or label
 
 
 class GlobalBatchSampler(Sampler[tuple[int, int]]):
@@ -228,7 +239,7 @@ class SeededSamples(Dataset):
 
     def __init__(self, dataset):
         self.dataset = dataset
-        mosaic_from_whole_dataset(dataset.transforms)
+        mosaic_from_whole_dataset(getattr(dataset, "transforms", None))  # a ClassificationDataset has no mosaic
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -243,6 +254,8 @@ class SeededSamples(Dataset):
         return self.dataset[index]
 
     def close_mosaic(self, hyp) -> None:
+        if not hasattr(self.dataset, "close_mosaic"):  # classification: no mosaic to close
+            return
         self.dataset.close_mosaic(hyp=hyp)
         mosaic_from_whole_dataset(self.dataset.transforms)
 
@@ -273,7 +286,7 @@ def train_loader(dataset, *, batch: int, rank: int, world_size: int, workers: in
     samples = SeededSamples(dataset)
     sampler = GlobalBatchSampler(len(dataset), batch=batch, rank=rank, world_size=world_size, shuffle=True, seed=seed)
     return DataLoader(samples, batch_size=batch // world_size, sampler=sampler, num_workers=workers,
-                      collate_fn=dataset.collate_fn, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                      collate_fn=getattr(dataset, "collate_fn", None), pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                       prefetch_factor=prefetch_factor if workers > 0 else None)
 
 
@@ -286,11 +299,14 @@ def val_loader(dataset, *, batch: int, workers: int, distributed: bool, device: 
 
 
 def preprocess(batch: dict[str, Any], device: torch.device, *, channels_last: bool = False) -> dict[str, Any]:
-    """Ultralytics' DetectionTrainer.preprocess_batch: tensors to the device, images to float in [0, 1] (in
-    channels-last memory format if asked: the convolutions' activations follow their input's format)."""
+    """The task trainers' preprocess_batch: tensors to the device, 8-bit images to float in [0, 1] (classification
+    images come normalised already), depth maps in float (in channels-last memory format if asked: the convolutions'
+    activations follow their input's format)."""
     out = {k: v.to(device, non_blocking=device.type == "cuda") if isinstance(v, torch.Tensor) else v
            for k, v in batch.items()}
-    out["img"] = out["img"].float() / 255
+    out["img"] = out["img"].float() / 255 if out["img"].dtype == torch.uint8 else out["img"].float()
+    if "depth" in out:
+        out["depth"] = out["depth"].float()
     if channels_last:
         out["img"] = out["img"].contiguous(memory_format=torch.channels_last)
     return out
@@ -317,19 +333,21 @@ class Timed:
             yield item
 
 
-def split_batch(batch: dict[str, Any], micro: int) -> list[dict[str, Any]]:
-    """Cut a collated batch into micro-batches of `micro` images, re-indexing the per-box batch_idx."""
+def split_batch(batch: dict[str, Any], micro: int, *, per_object: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Cut a collated batch into micro-batches of `micro` images: the `per_object` keys by their batch_idx (re-indexed),
+    every other tensor or list with a row per image by image. A batch without batch_idx (classification) has none."""
     n = batch["img"].shape[0]
     if micro >= n:
         return [batch]
+    per_object = per_object if "batch_idx" in batch else ()
     parts = []
     for start in range(0, n, micro):
         stop = min(start + micro, n)
-        boxes = (batch["batch_idx"] >= start) & (batch["batch_idx"] < stop)
+        objects = (batch["batch_idx"] >= start) & (batch["batch_idx"] < stop) if per_object else None
         part = {}
         for k, v in batch.items():
-            if k in ("batch_idx", "cls", "bboxes"):
-                part[k] = v[boxes] - start if k == "batch_idx" else v[boxes]
+            if k in per_object:
+                part[k] = v[objects] - start if k == "batch_idx" else v[objects]
             elif isinstance(v, torch.Tensor) and v.shape[:1] == (n,):
                 part[k] = v[start:stop]
             elif isinstance(v, (list, tuple)) and len(v) == n:

@@ -19,6 +19,7 @@ from ..monitor import memory
 from ..strategies import Strategy, create, preset
 from ..strategies.precision import policy
 from ..tasks import yolo
+from ..tasks.task import Task
 from . import recompute
 
 __all__ = ["TrainState", "make_strategy", "build_train_state"]
@@ -26,6 +27,7 @@ __all__ = ["TrainState", "make_strategy", "build_train_state"]
 
 @dataclass(slots=True)
 class TrainState:
+    task: Task
     strategy: Strategy
     """With the model set up on it: `strategy.model` trains, `strategy.raw_model` is the unwrapped module."""
     model: Any
@@ -49,19 +51,20 @@ def make_strategy(name: str, precision: str, *, env, device, **options) -> Strat
                   options={**preset(name, cuda=device.type == "cuda"), **options})
 
 
-def build_train_state(cfg: TrainConfig, strategy: Strategy, *, spec: str | dict, nc: int, names: dict[int, str],
+def build_train_state(cfg: TrainConfig, strategy: Strategy, *, spec: str | dict, task: Task, data: dict[str, Any],
                       images: int, sizing: Callable[[SimpleNamespace, int, int], tuple[int, float]],
                       profile: bool = False, hyp: SimpleNamespace | None = None) -> TrainState:
-    """The model of `spec` (a model yaml, a .pt, or a checkpoint's description) set up on `strategy` for `cfg`.
+    """The `task` model of `spec` (a model yaml, a .pt, or a checkpoint's description) for the dataset `data` (its nc,
+    names and, for pose, kpt_shape) set up on `strategy` for `cfg`.
     `images`: the images of one forward pass per rank (activation_checkpointing=auto plans for them).
     `sizing(hyp, imgsz, stride)`: called once the image size is known, before the optimizer is made; returns the
     training set's size and the weight decay (Ultralytics scales both into the optimizer; the trainer builds its
     loaders there). `profile`: also profile the model's activations (compare reports their forecast). `hyp`:
     Ultralytics' hyper-parameters for `cfg` (yolo.hyp_namespace), when the caller made them already."""
-    hyp = hyp or yolo.hyp_namespace(cfg)
-    model = yolo.build_model(spec, nc=nc, names=names, hyp=hyp, verbose=False, keep=strategy.layer_keeper())
+    hyp = hyp or yolo.hyp_namespace(cfg, task)
+    model = yolo.build_model(spec, task=task, data=data, hyp=hyp, verbose=False, keep=strategy.layer_keeper())
     stride = max(int(model.stride.max()), 32)
-    imgsz = hyp.imgsz = datamod.check_imgsz(cfg.imgsz, stride=stride)
+    imgsz = hyp.imgsz = datamod.check_imgsz(hyp.imgsz, stride=stride)
     profiled = recompute.profile(model, imgsz, full_shape=strategy.full_shape) if profile else None
     layers, forecast = recompute.choose(model, cfg.activation_checkpointing, strategy=strategy,
                                         optimizer=cfg.optimizer, images=images, imgsz=imgsz,
@@ -71,11 +74,12 @@ def build_train_state(cfg: TrainConfig, strategy: Strategy, *, spec: str | dict,
         model.compile()  # before the strategy wraps it
     sizes = {key: strategy.full_shape(p).numel() for key, p in model.named_parameters()}
     dataset_size, weight_decay = sizing(hyp, imgsz, stride)
-    make_optimizer = yolo.optimizer_factory(cfg, hyp, nc=nc, dataset_size=dataset_size, weight_decay=weight_decay)
+    make_optimizer = yolo.optimizer_factory(cfg, hyp, nc=data["nc"], dataset_size=dataset_size,
+                                            weight_decay=weight_decay)
     wrapped, _ = strategy.setup(model, make_optimizer=make_optimizer)
     del model  # the strategy holds it now, wrapped and perhaps sharded
     criterion = yolo.build_criterion(strategy.raw_model)  # on the device the parameters now live on
     memory.release_freed()
-    return TrainState(strategy=strategy, model=wrapped, criterion=criterion, ema=strategy.make_ema(), hyp=hyp,
+    return TrainState(task=task, strategy=strategy, model=wrapped, criterion=criterion, ema=strategy.make_ema(), hyp=hyp,
                       imgsz=imgsz, recomputed=recomputed, forecast=forecast, sizes=sizes,
                       profiled=profiled)

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 from .. import _ultralytics_internals as ul
@@ -53,12 +54,12 @@ class TrainerView:
     """What Ultralytics' integration callbacks read of its trainer, read live from our Trainer. Its class name holds
     'Trainer': Ultralytics gives the training integrations only to objects so named."""
 
-    label_loss_items = ul.trainer_method("label_loss_items")
-    plot_training_samples = ul.trainer_method("plot_training_samples", detection=True)
-    plot_training_labels = ul.trainer_method("plot_training_labels", detection=True)
-
     def __init__(self, trainer, *, save_dir: Path):
         self._t = trainer
+        # the methods of the task's own trainer (its loss labels and its plots), bound to this view
+        self._trainer_class = trainer.task.trainer_class()
+        for name in ("label_loss_items", "plot_training_samples", "plot_training_labels"):
+            setattr(self, name, MethodType(ul.trainer_method(name, self._trainer_class), self))
         self.args = ul.run_args(trainer.hyp, save_dir=save_dir)
         self.save_dir = Path(save_dir)
         self.wdir = self.save_dir / "weights"
@@ -73,6 +74,14 @@ class TrainerView:
         self.stop = False
         self.callbacks: dict[str, list[Callable]] = defaultdict(list)
         self.loss_names = trainer.loss_names
+
+    def __getattr__(self, name: str):
+        """A helper method of the task's trainer that one of its bound methods calls (only reached for names the
+        view does not have itself)."""
+        method = getattr(self.__dict__.get("_trainer_class"), name, None) if not name.startswith("__") else None
+        if not callable(method) or isinstance(method, type):
+            raise AttributeError(name)
+        return MethodType(method, self)
 
     @property
     def model(self):

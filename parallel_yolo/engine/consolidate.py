@@ -54,13 +54,16 @@ def _ultralytics_checkpoint(model, manifest: dict) -> dict:
     from ultralytics.cfg import DEFAULT_CFG_DICT
 
     from ..data.loader import resolve_dataset
+    from ..tasks.yolo import model_task
 
+    task = model_task(manifest["model_yaml"]).name
     args = {k: v for k, v in manifest["train_args"].items() if k in DEFAULT_CFG_DICT}
     try:  # a data path Ultralytics can open on its own (data=demo is ours)
-        args["data"] = str(resolve_dataset(args.get("data", "demo"))["yaml_file"])
+        data = resolve_dataset(args.get("data", "demo"), task)
+        args["data"] = str(data.get("yaml_file") or data["path"])
     except ConfigError:
         pass
-    args.update(task="detect", mode="train", model=manifest["train_args"].get("model"), imgsz=manifest.get("imgsz"))
+    args.update(task=task, mode="train", model=manifest["train_args"].get("model"), imgsz=manifest.get("imgsz"))
     model.args = args
     return {"epoch": manifest["epoch"] - 1, "best_fitness": manifest.get("best_fitness"), "model": model,
             "ema": None, "updates": manifest.get("ema_updates"), "optimizer": None, "train_args": args,

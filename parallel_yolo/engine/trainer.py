@@ -24,13 +24,21 @@ from ..monitor import memory
 from ..monitor.runlog import RunLog
 from ..strategies import select
 from ..tasks import yolo
+from ..tasks.task import Task
 from . import callbacks
 from .build import build_train_state, make_strategy
 from .recipe import Schedule
 from .step import forward_backward, micro_batches
 from .validate import Evaluator
 
-__all__ = ["train", "preflight"]
+__all__ = ["train", "preflight", "run_task"]
+
+
+def run_task(cfg: TrainConfig) -> Task:
+    """The run's task: its model's, or the model's of the checkpoint it resumes (checked by data, not loaded)."""
+    if cfg.resume:
+        return yolo.model_task(checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"])
+    return yolo.model_task(cfg.model)
 
 
 def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
@@ -41,8 +49,8 @@ def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
     choice = select(strategy=cfg.strategy, precision=cfg.precision, sync_bn=cfg.sync_bn, env=env,
                     world_size=world_size, cuda=device.type == "cuda")
     cfg.per_rank_batch(world_size)
-    datamod.resolve_dataset(cfg.data)
-    yolo.check_model_spec(cfg.model)
+    task = run_task(cfg)
+    datamod.resolve_dataset(cfg.data, task.name)
     if cfg.upload:  # boto3 and credentials, before any process starts (the config checked the URL's form)
         remote.check_url("upload", cfg.upload)
     return choice
@@ -72,14 +80,14 @@ class Trainer:
         self.cfg, self.strategy, self.device = cfg, strategy, strategy.device
         self._seed()
         self.channels_last = cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
-        self.data = datamod.resolve_dataset(cfg.data)
+        self.task = run_task(cfg)
+        self.data = datamod.resolve_dataset(cfg.data, self.task.name)
         self.local_batch, self.micro = cfg.per_rank_batch(strategy.world_size)
         # verified when `resume=` was resolved; read once here, loaded in _resume
         self.manifest = checkpoint.load_manifest(Path(cfg.resume), verify=False) if cfg.resume else None
         # a resumed run rebuilds the architecture its checkpoint holds, as data: a .pt its manifest names is not loaded
         state = build_train_state(cfg, strategy, spec=self.manifest["model_yaml"] if self.manifest else cfg.model,
-                                  nc=self.data["nc"], names=self.data["names"], images=self.micro,
-                                  sizing=self._build_loaders)
+                                  task=self.task, data=self.data, images=self.micro, sizing=self._build_loaders)
         self.model, self.criterion, self.ema = state.model, state.criterion, state.ema
         self.hyp, self.imgsz = state.hyp, state.imgsz
         if state.recomputed or state.forecast:
@@ -87,7 +95,8 @@ class Trainer:
                       f"recompute their activations in backward ({cfg.activation_checkpointing}"
                       f"{': ' + state.forecast if state.forecast else ''})")
         self._schedule()
-        self.step, self.best_fitness, self.loss_names = 0, None, ("box_loss", "cls_loss", "dfl_loss")
+        self.step, self.best_fitness, self.loss_names = 0, None, yolo.loss_names(self.criterion, self.task)
+        self.per_object = self.task.batch_keys(self.hyp)
         self.time_in_steps, self.time_waiting = 0.0, 0.0  # seconds between optimizer steps; of them, waiting for data
         self.position, self.last_opt = (0, 0), -1  # (epoch, batch) the next iteration runs; last stepping iteration
         folder = self._resume() if cfg.resume else None
@@ -129,7 +138,7 @@ class Trainer:
         self.mirror = remote.mirror(cfg.upload, run=folder, keep_last=cfg.keep_last, active=strategy.is_main)
         self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
                              "world_size": strategy.world_size, "imgsz": self.imgsz})
-        self.evaluator = Evaluator(loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
+        self.evaluator = Evaluator(self.task, loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
                                    device=self.device, world_size=strategy.world_size)
         self.hooks = callbacks.Hooks(self, save_dir=folder, active=strategy.is_main, plots=cfg.plots,
                                      sharded_params="params" in strategy.sharded)
@@ -170,10 +179,12 @@ class Trainer:
         self.workers = dist.loader_workers(cfg.workers, strategy.env)
         train_set = _on_main_first(strategy, lambda: datamod.build_dataset(
             hyp, self.data, "train", batch=self.local_batch, stride=stride, mode="train"))
+        # as Ultralytics: twice the training batch per validation pass, the same for the tasks with large labels
+        val_batch = self.local_batch * (1 if self.task.name in ("obb", "semantic", "depth") else 2)
         val_set = _on_main_first(strategy, lambda: datamod.build_dataset(
-            hyp, self.data, "val", batch=self.local_batch * 2, stride=stride, mode="val", rect=True))
+            hyp, self.data, "val", batch=val_batch, stride=stride, mode="val", rect=True))
         self.train_loader = self._train_loader(train_set)
-        self.val_loader = datamod.val_loader(val_set, batch=self.local_batch * 2, workers=self.workers,
+        self.val_loader = datamod.val_loader(val_set, batch=val_batch, workers=self.workers,
                                              distributed=strategy.distributed, device=self.device)
         self.batches_per_epoch = self.train_loader.sampler.batches()
         self.accumulate, weight_decay = yolo.nominal_accumulate(cfg, self.batches_per_epoch)
@@ -257,8 +268,10 @@ class Trainer:
             self.hooks.fire("on_train_batch_start")
             if ni < 3:  # Ultralytics plots the run's first three batches
                 self.hooks.plot_batch(batch, ni)
-            parts = micro_batches(batch, micro=self.micro, device=self.device, channels_last=self.channels_last)
-            items, names = forward_backward(self.strategy, self.criterion, parts, sync=stepping)
+            parts = micro_batches(batch, micro=self.micro, device=self.device, per_object=self.per_object,
+                                  channels_last=self.channels_last)
+            items, names = forward_backward(self.strategy, self.criterion, parts, sync=stepping,
+                                            mean_loss=self.task.mean_loss)
             self.loss_names = names or self.loss_names
             sums, window, seen = sums + items, window + items, seen + 1
             if not stepping:
@@ -284,7 +297,7 @@ class Trainer:
                       "data_s": waited, "peak_mib": max(peak_mib),
                       **{f"peak_mib_rank{r}": round(p, 1) for r, p in enumerate(peak_mib)}}
             self.log.step({"step": self.step, "epoch": epoch + 1, "loss": sum(losses), "lr": self.groups[0]["lr"],
-                           "grad_norm": norm, **system, **dict(zip(self.loss_names, losses))})
+                           "grad_norm": norm, **system, **dict(zip(self.loss_names, losses))}, losses=self.loss_names)
             self.hooks.fire("optimizer_step", step_metrics=system, tloss=dict(zip(self.loss_names, shown)))
             self.hooks.fire("on_train_batch_end")
             if self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0:
@@ -339,7 +352,8 @@ class Trainer:
             "fitness": fitness, "best_fitness": self.best_fitness, "ema_updates": self.ema.updates,
             "skipped_steps": strategy.skipped_steps, "scaler": strategy.scaler.state_dict(),
             "optimizer": type(strategy.inner_optimizer()).__name__, "loss_names": list(self.loss_names),
-            "model_yaml": model.yaml, "nc": self.data["nc"], "names": self.data["names"], "imgsz": self.imgsz,
+            "model_yaml": model.yaml, "task": self.task.name, "nc": self.data["nc"], "names": self.data["names"],
+            "kpt_shape": self.data.get("kpt_shape"), "imgsz": self.imgsz,
             "train_args": self.cfg.to_dict()})
         self._say(f"saved {folder} in {time.time() - start:.2f}s")
         self.mirror.add(folder)

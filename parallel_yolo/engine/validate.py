@@ -1,4 +1,5 @@
-"""Validation through Ultralytics' DetectionValidator, in its training mode, on every rank.
+"""Validation through the task's Ultralytics validator (DetectionValidator, SegmentationValidator, ...), in its
+training mode, on every rank.
 
 Training mode gives the validation losses and, under a process group, Ultralytics gathers the per-rank stats
 itself (each rank validates a contiguous shard). `val checkpoint=DIR` goes through the same path, so a
@@ -16,19 +17,19 @@ from torch import nn
 
 from .._ultralytics_internals import use_local_font, validate_in_training_mode
 from ..config import ConfigError
+from ..tasks.task import Task
 
 __all__ = ["Evaluator", "run_val", "load_for_eval", "model_from_checkpoint"]
 
 
 class Evaluator:
-    def __init__(self, *, loader, data: dict, hyp: Any, save_dir: Path, device: torch.device, world_size: int):
-        from ultralytics.models.yolo.detect import DetectionValidator
-
+    def __init__(self, task: Task, *, loader, data: dict, hyp: Any, save_dir: Path, device: torch.device,
+                 world_size: int):
         args = copy(hyp)
         self.plots = args.plots = bool(hyp.plots)
         if self.plots:
             use_local_font()
-        self.validator = DetectionValidator(loader, save_dir=Path(save_dir), args=args)
+        self.validator = task.validator_class()(loader, save_dir=Path(save_dir), args=args)
         self.data, self.device, self.world_size = data, device, world_size
 
     def metric_keys(self, loss_names: tuple[str, ...]) -> list[str]:
@@ -59,17 +60,20 @@ def run_val(cfg) -> dict[str, float] | None:
     from ..launch import dist
     from ..monitor.runlog import RunLog
 
+    from ..tasks.yolo import build_criterion, loss_names, model_task
+
     env = dist.read_env()
     device = dist.pick_device(env, cfg.device)
     model, trained = load_for_eval(cfg.checkpoint)
-    data = resolve_dataset(cfg.data or trained.get("data") or "demo")
+    task = model_task(model.yaml)
+    data = resolve_dataset(cfg.data or trained.get("data") or "demo", task.name)
     if data["nc"] != model.nc:
         raise ConfigError(f"data={cfg.data}: {data['nc']} classes but the checkpoint was trained on {model.nc}; "
                             "pass the data yaml it was trained on")
     with dist.process_group(env, device):
-        hyp = _eval_hyp(cfg, trained)
+        hyp = _eval_hyp(cfg, trained, task)
         stride = max(int(model.stride.max()), 32)
-        hyp.imgsz = check_imgsz(cfg.imgsz or trained.get("imgsz") or 640, stride=stride)
+        hyp.imgsz = check_imgsz(cfg.imgsz or trained.get("imgsz") or task.default_imgsz, stride=stride)
         # `batch` is global, as in train; Ultralytics' per-pass loss normalisation makes the val losses depend on
         # the images per pass, so use batch=2*train batch to reproduce what training reported.
         per_rank = max(cfg.batch // env.world_size, 1)
@@ -78,9 +82,11 @@ def run_val(cfg) -> dict[str, float] | None:
         folder = dist.broadcast_object(RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None)
         Path(folder).mkdir(parents=True, exist_ok=True)
         model.args = hyp
-        evaluator = Evaluator(loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,
+        evaluator = Evaluator(task, loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,
                               world_size=env.world_size)
-        metrics = evaluator(model.to(device).eval(), ("box_loss", "cls_loss", "dfl_loss"))
+        model = model.to(device).eval()
+        model.criterion = build_criterion(model)
+        metrics = evaluator(model, loss_names(model.criterion, task))
         if env.is_main:
             (Path(folder) / "val.json").write_text(json.dumps(metrics, indent=2))
             print(json.dumps(metrics, indent=2), flush=True)
@@ -89,7 +95,7 @@ def run_val(cfg) -> dict[str, float] | None:
 
 
 def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
-    """(DetectionModel with the checkpoint's EMA weights, its training args) from a checkpoint folder (read
+    """(the task's model with the checkpoint's EMA weights, its training args) from a checkpoint folder (read
     straight from the shards, whatever strategy and world size wrote them; an s3:// one is fetched first) or a
     consolidated .pt."""
     from ..checkpoint import remote
@@ -109,19 +115,21 @@ def load_for_eval(source: str) -> tuple[nn.Module, dict[str, Any]]:
 
 def model_from_checkpoint(folder: Path, *, weights: str) -> tuple[nn.Module, dict[str, Any]]:
     """The full model (`weights`: 'ema' or 'model') assembled from a checkpoint's shards, and its manifest."""
-    from ultralytics.nn.tasks import DetectionModel
-
     from .. import checkpoint
-    from ..tasks.yolo import check_layers
+    from ..tasks.yolo import check_layers, model_task, set_task_attributes
 
     try:
         manifest = checkpoint.load_manifest(folder)
         state = checkpoint.Reader(folder, manifest).state_dict(f"{weights}/")
     except checkpoint.CheckpointError as e:
         raise ConfigError(f"checkpoint={folder}: {e}") from None
-    model = DetectionModel(check_layers(manifest["model_yaml"], f"checkpoint={folder}"), nc=manifest["nc"],
-                           verbose=False)
-    model.nc, model.names = manifest["nc"], {int(k): v for k, v in manifest["names"].items()}
+    layers = check_layers(manifest["model_yaml"], f"checkpoint={folder}")
+    task = model_task(layers)
+    model = task.model_class()(layers, nc=manifest["nc"], verbose=False)
+    data = {"nc": manifest["nc"], "names": {int(k): v for k, v in manifest["names"].items()}}
+    if manifest.get("kpt_shape"):
+        data["kpt_shape"] = manifest["kpt_shape"]
+    set_task_attributes(model, task, data=data, hyp=None)
     mismatch = set(model.state_dict()) ^ set(state)
     if mismatch:
         raise ConfigError(f"checkpoint={folder}: its tensors do not match the model in its own manifest "
@@ -130,10 +138,10 @@ def model_from_checkpoint(folder: Path, *, weights: str) -> tuple[nn.Module, dic
     return model.float(), manifest
 
 
-def _eval_hyp(cfg, trained: dict[str, Any]) -> Any:
+def _eval_hyp(cfg, trained: dict[str, Any], task: Task) -> Any:
     from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
 
     keep = {k: v for k, v in trained.items() if k in DEFAULT_CFG_DICT}
-    keep.update(task="detect", mode="val", plots=cfg.plots, split=cfg.split, conf=cfg.conf, iou=cfg.iou,
+    keep.update(task=task.name, mode="val", plots=cfg.plots, split=cfg.split, conf=cfg.conf, iou=cfg.iou,
                 batch=cfg.batch, device=None, save_json=False)
     return get_cfg(overrides=keep)

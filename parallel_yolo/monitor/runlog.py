@@ -14,8 +14,8 @@ import yaml
 
 __all__ = ["RunLog", "STEP_COLUMNS", "PER_RANK"]
 
-STEP_COLUMNS = ("step", "epoch", "loss", "box_loss", "cls_loss", "dfl_loss", "lr", "grad_norm", "images_per_s",
-                "step_s", "data_s", "peak_mib")
+STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "step_s", "data_s", "peak_mib")
+"""The columns every run writes; the loss items of the model's task (box_loss, seg_loss, ...) follow `loss`."""
 PER_RANK = "peak_mib_rank"
 
 
@@ -54,8 +54,10 @@ class RunLog:
                 with open(path, "w", newline="") as f:
                     csv.writer(f).writerows(kept)
 
-    def step(self, row: dict[str, Any]) -> None:
-        self._append("steps.csv", {**{k: row.get(k, "") for k in STEP_COLUMNS},
+    def step(self, row: dict[str, Any], *, losses: tuple[str, ...]) -> None:
+        """One optimizer step's row: STEP_COLUMNS with the `losses` items after `loss`, then each rank's peak."""
+        columns = (*STEP_COLUMNS[:3], *losses, *STEP_COLUMNS[3:])
+        self._append("steps.csv", {**{k: row.get(k, "") for k in columns},
                                    **{k: v for k, v in row.items() if k.startswith(PER_RANK)}})
 
     def epoch(self, row: dict[str, Any]) -> None:

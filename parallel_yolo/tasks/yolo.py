@@ -1,7 +1,8 @@
 """The Ultralytics adapter: model, loss and optimizer come from Ultralytics; this file only wires them up.
 
-Models are built from a yaml (never downloaded) or loaded from a local .pt; the param groups and the
-`optimizer=auto` rule are Ultralytics' own `BaseTrainer.build_optimizer`, called on a small stand-in object.
+Models are built from a yaml (never downloaded) or loaded from a local .pt, as the model's task's trainer builds
+them (task.py: its model class, what its set_model_attributes sets); the param groups and the `optimizer=auto` rule
+are Ultralytics' own `BaseTrainer.build_optimizer`, called on a small stand-in object.
 """
 
 from __future__ import annotations
@@ -18,63 +19,93 @@ from .._internals import LibraryChanged
 from .._torch_internals import fused_kernel_devices
 from .._ultralytics_internals import build_layer_by_layer, build_optimizer, model_class
 from ..config import ConfigError, TrainConfig
+from .task import Task, task_of_layers
 
-__all__ = ["hyp_namespace", "check_model_spec", "check_layers", "load_local_pt", "build_model", "build_criterion",
-           "to_float", "optimizer_factory", "fused", "nominal_accumulate"]
+__all__ = ["hyp_namespace", "model_task", "check_layers", "load_local_pt", "build_model", "set_task_attributes",
+           "build_criterion", "loss_names", "to_float", "optimizer_factory", "fused", "nominal_accumulate"]
 
 
-def hyp_namespace(cfg: TrainConfig) -> Any:
-    """Ultralytics' full default config overridden by ours: what its dataset, loss and validator read."""
+def hyp_namespace(cfg: TrainConfig, task: Task) -> Any:
+    """Ultralytics' full default config overridden by ours, for `task`: what its dataset, loss and validator read."""
     from ultralytics.cfg import get_cfg
 
     ours = {k: v for k, v in cfg.to_dict().items() if k in _ultralytics_defaults()}
-    ours.update(model=cfg.model, data=cfg.data, task="detect", mode="train", plots=cfg.plots, device=None)
+    ours.update(model=cfg.model, data=cfg.data, task=task.name, mode="train", plots=cfg.plots, device=None,
+                imgsz=cfg.imgsz or task.default_imgsz)
+    if task.name == "classify":
+        ours.update(multi_scale=0.0)  # as ClassificationTrainer: classification batches are never rescaled
     return get_cfg(overrides=ours)
 
 
-def check_model_spec(spec: str) -> None:
-    """Refuse a model that cannot be found locally, before any process group exists."""
+def model_task(spec: str | dict) -> Task:
+    """The task of a model (a yaml, a local .pt or a checkpoint's model description), refusing one that cannot be
+    found locally or is no YOLO model of a task this version trains; before any process group exists."""
+    if isinstance(spec, dict):
+        return task_of_layers(check_layers(spec, "the checkpoint's model"), "the checkpoint's model")
     if spec.endswith(".pt"):
-        if not Path(spec).is_file():
-            raise ConfigError(f"model={spec}: file not found; weights load from a local path only (nothing is "
-                              "downloaded): give the path to a .pt, or a model yaml such as yolov8n.yaml")
-    else:
-        _model_yaml(spec)
+        return task_of_layers(check_layers(load_local_pt(spec).yaml, f"model={spec}"), f"model={spec}")
+    return task_of_layers(_model_yaml(spec), f"model={spec}")
 
 
-def build_model(spec: str | dict, *, nc: int, names: dict[int, str], hyp: Any, verbose: bool = False,
+def build_model(spec: str | dict, *, task: Task, data: dict[str, Any], hyp: Any, verbose: bool = False,
                 keep: Callable[[nn.Module, bool], None] | None = None) -> nn.Module:
-    """A DetectionModel from an Ultralytics model yaml, a local .pt (weights transferred where shapes match), or a
-    model description already read (a checkpoint's `model_yaml`, checked by `check_layers` first). With `keep`
-    (Strategy.layer_keeper), a yaml's model is built layer by layer, each layer handed to `keep` as soon as it is
-    made (the same values as the whole build: sharded initialisation); a .pt is read whole anyway."""
+    """The task's model (DetectionModel, SegmentationModel, PoseModel ...) from an Ultralytics model yaml, a local .pt
+    (weights transferred where shapes match), or a model description already read (a checkpoint's `model_yaml`,
+    checked by `check_layers` first), for the dataset `data`, as the task's trainer builds it (get_model, then
+    set_model_attributes). With `keep` (Strategy.layer_keeper), a yaml's model is built layer by layer, each layer
+    handed to `keep` as soon as it is made (the same values as the whole build: sharded initialisation); a .pt is
+    read whole anyway, and so is a model whose class is not a DetectionModel's (classify, semantic: their builds probe
+    the model in ways the layer-by-layer build does not follow); the strategy then shards the whole model."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
 
     weights = None
     if isinstance(spec, dict):
-        source = check_layers(spec, "the checkpoint's model")
+        source = dict(check_layers(spec, "the checkpoint's model"))
     elif spec.endswith(".pt"):
         weights = load_local_pt(spec)
-        source, keep = weights.yaml, None
+        source = dict(weights.yaml)
     else:
-        source = _model_yaml(spec)
+        source = dict(_model_yaml(spec))
+    cls, nc = task.model_class(), data["nc"]
+    if task.name == "pose":  # PoseModel(data_kpt_shape=...): the data's keypoints replace the yaml's
+        kpt_shape = [int(v) for v in data["kpt_shape"]]
+        if weights is not None and list(source["kpt_shape"]) != kpt_shape:
+            raise ConfigError(f"model={spec} predicts keypoints of shape {list(source['kpt_shape'])}, data={hyp.data} "
+                              f"has kpt_shape {kpt_shape}; train a pose yaml (it takes the data's shape) or use "
+                              "data of the model's keypoints")
+        source["kpt_shape"] = kpt_shape
     try:
-        if keep is not None:
-            model = build_layer_by_layer(source if isinstance(source, dict) else yaml_model_load(source), nc=nc,
-                                         take=keep)
+        if keep is not None and weights is None and issubclass(cls, DetectionModel):
+            model = build_layer_by_layer(source, nc=nc, take=keep, model_class=cls)
         else:
-            model = DetectionModel(source, nc=nc, verbose=verbose)
+            model = cls(source, nc=nc, verbose=verbose)
     except LibraryChanged:
         raise
     except Exception as e:  # Ultralytics raises assorted errors for a yaml it cannot build
         raise ConfigError(f"model={spec}: Ultralytics could not build it ({type(e).__name__}: {e}); "
-                          "pass a detection model yaml such as yolov8n.yaml") from None
-    if not hasattr(model, "init_criterion") or type(model).__name__ != "DetectionModel":
-        raise ConfigError(f"model={spec}: not a detection model; pass a detect yaml such as yolov8n.yaml")
+                          f"pass a {task.name} model yaml such as {task.example}") from None
     if weights is not None:
         model.load(weights, verbose=verbose)
-    model.nc, model.names, model.args = nc, names, hyp
+        if task.name == "classify":  # as ClassificationTrainer.setup_model: a head for this data's classes
+            cls.reshape_outputs(model, nc)
+    set_task_attributes(model, task, data=data, hyp=hyp)
     return model
+
+
+def set_task_attributes(model: nn.Module, task: Task, *, data: dict[str, Any], hyp: Any) -> None:
+    """What the task's trainer sets on its model (set_model_attributes; the classification trainer's get_model)."""
+    model.nc, model.names, model.args = data["nc"], data["names"], hyp
+    if task.name == "pose":  # PoseTrainer.set_model_attributes
+        model.kpt_shape = data["kpt_shape"]
+        model.kpt_oks_sigmas = data.get("kpt_oks_sigmas")
+        names = data.get("kpt_names") or {i: [str(k) for k in range(data["kpt_shape"][0])] for i in range(data["nc"])}
+        model.kpt_names = names
+    if task.name == "classify":  # ClassificationTrainer.get_model: its dropout, every parameter trained
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) and getattr(hyp, "dropout", 0.0):
+                m.p = hyp.dropout
+        for p in model.parameters():
+            p.requires_grad = True
 
 
 def to_float(value: Any) -> Any:
@@ -89,8 +120,17 @@ def to_float(value: Any) -> Any:
 
 
 def build_criterion(model: nn.Module) -> Any:
-    """Ultralytics' own loss for this model (v8DetectionLoss, or E2ELoss for end-to-end heads)."""
+    """Ultralytics' own loss for this model (v8DetectionLoss, v8SegmentationLoss ..., E2ELoss for end-to-end heads)."""
     return model.init_criterion()
+
+
+def loss_names(criterion: Any, task: Task) -> tuple[str, ...]:
+    """The names of the loss items `criterion` returns (an end-to-end loss reports its one-to-one branch's)."""
+    for source in (criterion, getattr(criterion, "one2one", None)):
+        names = getattr(source, "loss_names", None)
+        if names:
+            return tuple(names)
+    return task.losses
 
 
 def nominal_accumulate(cfg: TrainConfig, batches_per_epoch: int) -> tuple[int, float]:
@@ -140,13 +180,8 @@ def _ultralytics_defaults() -> dict[str, Any]:
     return DEFAULT_CFG_DICT
 
 
-# heads that are not a YOLO Detect, and why this version does not train them
-_OTHER_HEADS = {"RTDETRDecoder": "RT-DETR's decoder, which trains with a loss of its own (Hungarian matching and "
-                                 "denoising queries) that this version does not cover"}
-
-
-def _model_yaml(spec: str) -> str:
-    """A local yaml path, or the name of a yaml Ultralytics ships (scale letters resolved by Ultralytics)."""
+def _model_yaml(spec: str) -> dict:
+    """The layers of a local yaml, or of a yaml Ultralytics ships (scale letters resolved by Ultralytics), checked."""
     from ultralytics.nn.tasks import yaml_model_load
 
     if not spec.endswith((".yaml", ".yml")):
@@ -155,14 +190,8 @@ def _model_yaml(spec: str) -> str:
         layers = yaml_model_load(spec)
     except FileNotFoundError:
         raise ConfigError(f"model={spec}: no such model yaml, locally or among Ultralytics' "
-                          "(e.g. yolov8n.yaml, yolo11s.yaml, yolov8x-p6.yaml)") from None
-    check_layers(layers, f"model={spec}")
-    head = str((layers.get("head") or [[None, None, "?"]])[-1][2])
-    if not head.endswith("Detect"):
-        why = _OTHER_HEADS.get(head, "not a detection head (Detect)")
-        raise ConfigError(f"model={spec}: its last layer is {head}, {why}; pass a YOLO detect yaml such as "
-                          "yolov8n.yaml")
-    return spec
+                          "(e.g. yolov8n.yaml, yolo11s-seg.yaml, yolov8x-p6.yaml)") from None
+    return check_layers(layers, f"model={spec}")
 
 
 def check_layers(layers: Any, source: str) -> dict:
@@ -217,8 +246,10 @@ def _is_activation(act: Any) -> bool:
 
 
 def load_local_pt(spec: str) -> nn.Module:
-    check_model_spec(spec)
     path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"model={spec}: file not found; weights load from a local path only (nothing is "
+                          "downloaded): give the path to a .pt, or a model yaml such as yolov8n.yaml")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:

@@ -41,8 +41,9 @@ from ..monitor import memory
 from ..monitor.comm import CommCounter
 from ..monitor.runlog import RunLog
 from ..tasks import yolo
+from ..tasks.task import Task
 
-__all__ = ["run_compare", "synthetic_batch"]
+__all__ = ["run_compare", "synthetic_batch", "example_batch"]
 
 MIB = 2**20
 
@@ -87,17 +88,20 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
     gc.collect()
     memory.load_meta_kernels()  # the activation forecast's meta-device pass would count torch's code as memory
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    batch, double = (synthetic_batch(n, cfg.imgsz, device, env, layout) for n in (cfg.batch, 2 * cfg.batch))
+    task = yolo.model_task(cfg.model)
+    data = _task_data(task)
+    batch, double = (example_batch(task, data, n, cfg, device=device, env=env, layout=layout)
+                     for n in (cfg.batch, 2 * cfg.batch))
     # memory first: once glibc's heap has grown under its default policy, later steps reuse its holes and the
     # resident set no longer follows the live tensors
     with memory.returning_freed_memory():
         memory.reset_peak(device)
-        strategy, ema, criterion, numel, muon_numel, per_image = _build(name, checkpointing, cfg, env=env,
-                                                                         device=device)
+        strategy, ema, criterion, numel, muon_numel, per_image = _build(name, checkpointing, cfg, task, data,
+                                                                         env=env, device=device)
         peaks = {"setup": _peak(strategy, device)}
         for phase, images in (("warm-up", batch), ("warm-up", batch), ("batch", batch), ("double", double)):
             memory.reset_peak(device)  # two warm-up steps: in a probe DDP's peak still grew 260 MiB from step 2 to 3
-            _train_step(strategy, ema, criterion, images, account=False)
+            _train_step(strategy, ema, criterion, images, account=False, mean_loss=task.mean_loss)
             peaks[phase] = _peak(strategy, device)
     counter, times, states = CommCounter(env.world_size), [], {}
     with counter:
@@ -105,7 +109,8 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
             if step == 1:
                 counter.reset()  # the first step includes the heap's growth (and compilation)
             start = time.perf_counter()
-            states = _train_step(strategy, ema, criterion, batch, account=step == cfg.steps - 1) or states
+            states = _train_step(strategy, ema, criterion, batch, account=step == cfg.steps - 1,
+                                 mean_loss=task.mean_loss) or states
             times.append(time.perf_counter() - start)
     sent = counter.total / (cfg.steps - 1)
     result = {
@@ -125,7 +130,8 @@ def measure(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.Dist
     return result
 
 
-def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistEnv, device: torch.device):
+def _build(name: str, checkpointing: str, cfg: CompareConfig, task: Task, data: dict[str, Any], *,
+           env: dist.DistEnv, device: torch.device):
     """The trainer's train state (engine/build.py) for `name`, the layers `checkpointing` names recomputed in
     backward; returns the strategy, its EMA, the loss, the model's parameter count, its MuSGD matrices' count and the
     forecast activation bytes per image."""
@@ -134,10 +140,10 @@ def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistE
                             activation_checkpointing=checkpointing, budget=cfg.budget)
     # Ultralytics' hyper-parameters before the strategy: its memory baseline then excludes what Ultralytics' config
     # loads on first use (~28 MiB), as compare's figures always have
-    hyp = yolo.hyp_namespace(train_cfg)
+    hyp = yolo.hyp_namespace(train_cfg, task)
     strategy = make_strategy(name, cfg.precision, env=env, device=device, gloo_collectives=cfg.gloo_collectives,
                              sharded_init=cfg.sharded_init)
-    state = build_train_state(train_cfg, strategy, spec=cfg.model, nc=80, names={i: str(i) for i in range(80)},
+    state = build_train_state(train_cfg, strategy, spec=cfg.model, task=task, data=data,
                               images=cfg.batch // env.world_size, sizing=lambda *_: (cfg.batch, 5e-4), profile=True,
                               hyp=hyp)
     if state.forecast and env.rank == 0:
@@ -148,10 +154,11 @@ def _build(name: str, checkpointing: str, cfg: CompareConfig, *, env: dist.DistE
             state.profiled.activation_bytes(state.recomputed))
 
 
-def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool) -> dict[str, int] | None:
+def _train_step(strategy, ema, criterion, batch: dict[str, Any], *, account: bool, mean_loss: bool
+                ) -> dict[str, int] | None:
     """One optimizer step through the trainer's own code; with `account`, the state bytes held just before the
     optimizer step."""
-    items, _ = forward_backward(strategy, criterion, [batch], sync=True)
+    items, _ = forward_backward(strategy, criterion, [batch], sync=True, mean_loss=mean_loss)
     held = strategy.memory_report(ema) if account else None
     strategy.step(items)
     ema.update()
@@ -164,6 +171,36 @@ def _peak(strategy, device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return memory.peak_rss() - strategy.baseline_rss
+
+
+def _task_data(task: Task) -> dict[str, Any]:
+    """Detection: COCO's 80 classes (the synthetic batch's); another task: its demo data's classes (and keypoints)."""
+    if task.name == "detect":
+        return {"nc": 80, "names": {i: str(i) for i in range(80)}}
+    from ..data.loader import resolve_dataset
+
+    return resolve_dataset("demo", task.name)
+
+
+def example_batch(task: Task, data: dict[str, Any], batch: int, cfg: CompareConfig, *, device: torch.device,
+                  env: dist.DistEnv, layout: torch.memory_format) -> dict[str, Any]:
+    """This rank's share of one global batch, the same for every strategy: detection's synthetic batch; another
+    task's first `batch` images of its demo's validation split through Ultralytics' own dataset (no augmentation), so
+    the batch holds what that task's loss reads (masks, keypoints, rotated boxes, class labels, depth maps)."""
+    if task.name == "detect":
+        return synthetic_batch(batch, cfg.imgsz, device, env, layout)
+    from ..data.loader import build_dataset, preprocess, split_batch
+
+    hyp = yolo.hyp_namespace(TrainConfig(model=cfg.model, imgsz=cfg.imgsz), task)
+    dataset = build_dataset(hyp, data, "val", batch=batch, stride=32, mode="val")
+    from torch.utils.data import default_collate
+
+    collate = getattr(dataset, "collate_fn", None) or default_collate  # ClassificationDataset has none of its own
+    whole = collate([dataset[i % len(dataset)] for i in range(batch)])
+    mine = split_batch(whole, batch // env.world_size, per_object=task.batch_keys(hyp))[env.rank]
+    out = preprocess(mine, device)
+    out["img"] = out["img"].contiguous(memory_format=layout)
+    return out
 
 
 def synthetic_batch(batch: int, imgsz: int, device: torch.device, env: dist.DistEnv,

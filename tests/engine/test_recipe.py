@@ -19,7 +19,7 @@ SETTINGS = dict(model="yolov8n.yaml", epochs=3, imgsz=64, batch=8, fraction=0.12
 def ultralytics_run(tmp_path_factory):
     from ultralytics.models.yolo.detect import DetectionTrainer
 
-    from parallel_yolo.data.loader import demo_dataset
+    from parallel_yolo.data.demo import demo_dataset
 
     folder = tmp_path_factory.mktemp("ultralytics")
     overrides = {**SETTINGS, "data": str(demo_dataset()), "val": False, "plots": False, "device": "cpu",
