@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from parallel_yolo.tasks.task import TASKS
+
 ROOT = Path(__file__).resolve().parents[1]
+DETECT = TASKS["detect"]
+THREE = {"nc": 3, "names": {0: "a", 1: "b", 2: "c"}}
+"""A three-class dataset's description, for models built without data."""
 
 # Augmentations off: with them, every process draws its own random crops, so runs could not be compared.
 NO_AUGMENT = ["mosaic=0", "fliplr=0", "hsv_h=0", "hsv_s=0", "hsv_v=0", "translate=0", "scale=0"]
@@ -152,7 +157,7 @@ def demo_train_set():
     from parallel_yolo.data import loader as data
     from parallel_yolo.tasks import yolo
 
-    hyp = yolo.hyp_namespace(TrainConfig(imgsz=64, batch=4))
+    hyp = yolo.hyp_namespace(TrainConfig(imgsz=64, batch=4), DETECT)
     hyp.imgsz = 64
     spec = data.resolve_dataset("demo")
     return build_yolo_dataset(hyp, spec["train"], 4, spec, mode="train", stride=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import demo_train_set
+from conftest import DETECT, THREE, demo_train_set
 
 from parallel_yolo import _ultralytics_internals as internals
 from parallel_yolo.config import TrainConfig
@@ -14,8 +14,8 @@ from parallel_yolo.tasks import yolo
 
 @pytest.fixture(scope="module")
 def model_and_hyp():
-    hyp = yolo.hyp_namespace(TrainConfig())
-    return yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp), hyp
+    hyp = yolo.hyp_namespace(TrainConfig(), DETECT)
+    return yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp), hyp
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW", "MuSGD"])

@@ -22,4 +22,7 @@ ULTRALYTICS_KEYS = {
     "copy_paste": 0.0, "copy_paste_mode": "flip", "auto_augment": "randaugment", "erasing": 0.4,
     "box": 7.5, "cls": 0.5, "dfl": 1.5, "nbs": 64, "warmup_momentum": 0.8, "warmup_bias_lr": 0.1,
     "conf": None, "iou": 0.7, "max_det": 300, "save_json": False, "verbose": True,
+    # the other tasks' losses, masks and head (tasks/task.py)
+    "overlap_mask": True, "mask_ratio": 4, "pose": 12.0, "kobj": 1.0, "rle": 1.0, "angle": 1.0, "dlog": 1.0,
+    "dgrad": 0.5, "dlam": 1.0, "dropout": 0.0,
 }

@@ -8,7 +8,6 @@ the images a single process sees, split the same way a single process splits the
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -114,6 +113,9 @@ def build_dataset(hyp: Any, data: dict[str, Any], split: str, *, batch: int, str
     except FileNotFoundError as e:  # no images
         raise ConfigError(f"{split} images {data[split]}: {_plain(e.__cause__ or e)}; fix the dataset or the data "
                           "yaml") from None
+    except ValueError as e:  # Ultralytics' own check: labels of another task (boxes for a segment or OBB model)
+        raise ConfigError(f"{split} labels {data[split]}: {_plain(e)} A {hyp.task} model trains on "
+                          f"{_ROW.get(hyp.task, 'its own labels')}") from None
     except RuntimeError as e:  # not one valid label: Ultralytics lists the reasons on the lines after the first
         lines = str(e).splitlines()
         raise ConfigError(_corrupt(split, "every label file is", _plain(lines[1] if len(lines) > 1 else e), data,
@@ -123,16 +125,9 @@ def build_dataset(hyp: Any, data: dict[str, Any], split: str, *, batch: int, str
     if skipped:
         count = f"{len(skipped)} of {len(found)} label files are"
         raise ConfigError(_corrupt(split, count, _why_corrupt(skipped[0], data, hyp.task), data, hyp.task))
-    if hyp.task in ("segment", "obb"):
-        boxes_only = [lb["im_file"] for lb in dataset.labels if len(lb["cls"]) and not len(lb.get("segments", ()))]
-        if boxes_only:
-            raise ConfigError(f"{split} labels: {len(boxes_only)} images have boxes but no {_SHAPE[hyp.task]}, e.g. "
-                              f"{_label_files(boxes_only[:1])[0]}: detection labels; a {hyp.task} model trains on "
-                              f"{_SHAPE[hyp.task]} ({_ROW[hyp.task]})")
     return dataset
 
 
-_SHAPE = {"segment": "polygons", "obb": "rotated boxes"}
 _ROW = {"detect": "one 'class x y w h' row per box", "segment": "one 'class x1 y1 x2 y2 ...' row per object",
         "obb": "one 'class x1 y1 x2 y2 x3 y3 x4 y4' row per object",
         "pose": "one 'class x y w h' row per object, then x y (visible) per keypoint as kpt_shape says"}
@@ -147,7 +142,7 @@ def _classification_dataset(hyp: Any, data: dict[str, Any], split: str, *, mode:
     if not dataset.samples:
         raise ConfigError(f"{split} images {data[split]}: none found; put the images in a folder per class there")
     found = sum(1 for folder in Path(data[split]).iterdir() if folder.is_dir() for _ in _images_in(folder))
-    if found != len(dataset.samples):
+    if hyp.fraction >= 1.0 and found != len(dataset.samples):  # with a fraction it takes a subset of its own
         raise ConfigError(f"{split} images: {found - len(dataset.samples)} of {found} cannot be read (corrupt or "
                           f"not an image); remove or replace them in {data[split]}")
     return dataset

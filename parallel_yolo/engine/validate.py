@@ -59,8 +59,7 @@ def run_val(cfg) -> dict[str, float] | None:
     from ..data.loader import build_dataset, check_imgsz, resolve_dataset, val_loader
     from ..launch import dist
     from ..monitor.runlog import RunLog
-
-    from ..tasks.yolo import build_criterion, loss_names, model_task
+    from ..tasks.yolo import loss_names, model_task
 
     env = dist.read_env()
     device = dist.pick_device(env, cfg.device)
@@ -85,7 +84,7 @@ def run_val(cfg) -> dict[str, float] | None:
         evaluator = Evaluator(task, loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,
                               world_size=env.world_size)
         model = model.to(device).eval()
-        model.criterion = build_criterion(model)
+        model.criterion = model.init_criterion()  # Ultralytics' loss of the task: the validation losses' names
         metrics = evaluator(model, loss_names(model.criterion, task))
         if env.is_main:
             (Path(folder) / "val.json").write_text(json.dumps(metrics, indent=2))

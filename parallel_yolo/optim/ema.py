@@ -48,11 +48,17 @@ class ShardedEMA:
 
     def full_model(self) -> nn.Module:
         """A full, unsharded copy of the EMA model, buffers averaged over ranks (collective: every rank calls it)."""
-        from ultralytics.nn.tasks import DetectionModel
-
         state = self.strategy.assemble({**self.shadow, **self.strategy.averaged_copies(self.buffers())})
         raw = self.strategy.raw_model
-        model = DetectionModel(raw.yaml, nc=raw.nc, verbose=False).to(self.strategy.device)
+        # the task's model class (FSDP puts a class of its own in front of it)
+        cls = next(c for c in type(raw).__mro__ if c.__module__.startswith("ultralytics."))
+        model = cls(raw.yaml, nc=raw.nc, verbose=False).to(self.strategy.device)
         model.load_state_dict(state)
-        model.nc, model.names, model.args = raw.nc, raw.names, raw.args
+        for name in _TASK_ATTRIBUTES:
+            if hasattr(raw, name):
+                setattr(model, name, getattr(raw, name))
         return model.eval()
+
+
+_TASK_ATTRIBUTES = ("nc", "names", "args", "kpt_shape", "kpt_oks_sigmas", "kpt_names")
+"""What the task trainers set on their model besides its weights (tasks/yolo.py set_task_attributes)."""

@@ -56,7 +56,7 @@ def build_model(spec: str | dict, *, task: Task, data: dict[str, Any], hyp: Any,
     handed to `keep` as soon as it is made (the same values as the whole build: sharded initialisation); a .pt is
     read whole anyway, and so is a model whose class is not a DetectionModel's (classify, semantic: their builds probe
     the model in ways the layer-by-layer build does not follow); the strategy then shards the whole model."""
-    from ultralytics.nn.tasks import DetectionModel, yaml_model_load
+    from ultralytics.nn.tasks import DetectionModel
 
     weights = None
     if isinstance(spec, dict):

@@ -15,7 +15,9 @@ from parallel_yolo.config import ULTRALYTICS_KEYS, ConfigError, TrainConfig, Val
 OWN_DEFAULTS = {
     ("TrainConfig", "model"): "Ultralytics has none; a small model trains on the demo out of the box",
     ("TrainConfig", "data"): "Ultralytics has none; demo is the embedded synthetic dataset",
-    ("TrainConfig", "project"): "Ultralytics derives it from the task; we train detectors",
+    ("TrainConfig", "project"): "Ultralytics derives it from the task; one folder for every task, so that resume=true "
+                                "finds the newest run before the task is known",
+    ("TrainConfig", "imgsz"): "None: the task's own default as Ultralytics' (640, classification 224)",
     ("TrainConfig", "name"): "the same",
     ("ValConfig", "project"): "the same",
     ("ValConfig", "name"): "the same",

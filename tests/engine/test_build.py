@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import torch
-from conftest import ROOT
+from conftest import DETECT, ROOT, THREE
 
 from parallel_yolo.config import TrainConfig
 from parallel_yolo.engine.build import build_train_state, make_strategy
@@ -36,7 +36,7 @@ def test_a_state_built_for_single_trains_with_what_it_was_asked(one_rank_group):
         asked.append((hyp.imgsz, imgsz, stride))
         return 64, 5e-4
 
-    state = build_train_state(cfg, strategy, spec="yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, images=2,
+    state = build_train_state(cfg, strategy, spec="yolov8n.yaml", task=DETECT, data=THREE, images=2,
                               sizing=sizing, profile=True)
     assert asked == [(64, 64, 32)]  # once, with the checked size, before the optimizer
     assert state.recomputed == list(range(10))  # yolov8's backbone: layers 0-9

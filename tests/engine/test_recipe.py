@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import NO_AUGMENT, check, read_csv, run_cli
+from conftest import DETECT, NO_AUGMENT, THREE, check, read_csv, run_cli
 
 SETTINGS = dict(model="yolov8n.yaml", epochs=3, imgsz=64, batch=8, fraction=0.125, workers=0, optimizer="SGD",
                 nbs=32, warmup_epochs=2.0, lr0=0.02, lrf=0.1, momentum=0.9, weight_decay=0.001, seed=0)
@@ -44,8 +44,8 @@ def test_param_groups_match(ultralytics_run):
     cfg = TrainConfig(**{k: v for k, v in SETTINGS.items() if k != "nbs"}, hyp={"nbs": 32})
     accumulate, decay = yolo.nominal_accumulate(cfg, batches_per_epoch=4)
     assert (accumulate, decay) == (trainer.accumulate, trainer.optimizer.param_groups[0]["weight_decay"])
-    hyp = yolo.hyp_namespace(cfg)
-    model = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+    hyp = yolo.hyp_namespace(cfg, DETECT)
+    model = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp)
     ours = yolo.optimizer_factory(cfg, hyp, nc=3, dataset_size=32, weight_decay=decay)(model)
     theirs = trainer.optimizer
     assert type(ours) is type(theirs)

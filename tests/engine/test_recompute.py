@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, rank_environment, tiny_batch
+from conftest import DETECT, THREE, free_port, rank_environment, tiny_batch
 
 from parallel_yolo.config import CompareConfig, ConfigError, TrainConfig
 from parallel_yolo.engine import recompute
@@ -20,7 +20,7 @@ from parallel_yolo.tasks import yolo
 
 def _model():
     torch.manual_seed(0)
-    return yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=yolo.hyp_namespace(TrainConfig()))
+    return yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=yolo.hyp_namespace(TrainConfig(), DETECT))
 
 
 def _two_steps(model):
@@ -151,7 +151,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 criterion = yolo.build_criterion(model)
                 recompute.apply(model, mode)
                 strategy = create(name, env=env, device=device, precision=policy("fp32"), options=preset(name))
-                strategy.setup(model, make_optimizer=yolo.optimizer_factory(cfg, yolo.hyp_namespace(cfg), nc=3,
+                strategy.setup(model, make_optimizer=yolo.optimizer_factory(cfg, yolo.hyp_namespace(cfg, DETECT), nc=3,
                                                                               dataset_size=8, weight_decay=5e-4))
                 ema, losses = strategy.make_ema(), []
                 torch.manual_seed(10 + rank)  # each rank its own images

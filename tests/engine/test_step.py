@@ -5,7 +5,7 @@ their loss items."""
 from __future__ import annotations
 
 import torch
-from conftest import demo_train_set
+from conftest import DETECT, THREE, demo_train_set
 
 from parallel_yolo.config import TrainConfig
 from parallel_yolo.engine.build import build_train_state, make_strategy
@@ -33,7 +33,7 @@ def test_micro_batches_keep_each_image_with_its_boxes():
 def test_micro_batches_accumulate_gradients_and_average_the_loss_items(one_rank_group):
     cfg = TrainConfig(imgsz=64, batch=4, optimizer="SGD")
     strategy = make_strategy("single", "fp32", env=DistEnv(), device=torch.device("cpu"), gloo_collectives=False)
-    state = build_train_state(cfg, strategy, spec="yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, images=4,
+    state = build_train_state(cfg, strategy, spec="yolov8n.yaml", task=DETECT, data=THREE, images=4,
                               sizing=lambda *_: (64, 5e-4))
     batch = loader_batch()
     params = [p for p in strategy.raw_model.parameters() if p.requires_grad]

@@ -19,7 +19,6 @@ from conftest import TINY, read_csv, run_cli
 
 from parallel_yolo.launch import shutdown
 
-
 GRACE_S = 2.0  # the rank's exit grace in these tests (PARALLEL_YOLO_EXIT_GRACE_S); the launcher's is 10 s more
 
 

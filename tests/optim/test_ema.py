@@ -6,6 +6,7 @@ from __future__ import annotations
 from copy import deepcopy
 
 import torch
+from conftest import DETECT, THREE
 from ultralytics.utils.torch_utils import ModelEMA
 
 from parallel_yolo.config import TrainConfig
@@ -19,7 +20,7 @@ def state_for(name: str):
     cfg = TrainConfig(imgsz=64, batch=2, optimizer="SGD")
     strategy = make_strategy(name, "fp32", env=DistEnv(world_size=1, launched=True), device=torch.device("cpu"),
                              gloo_collectives=False)
-    return build_train_state(cfg, strategy, spec="yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, images=2,
+    return build_train_state(cfg, strategy, spec="yolov8n.yaml", task=DETECT, data=THREE, images=2,
                              sizing=lambda *_: (64, 5e-4))
 
 

@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, rank_environment, tiny_batch
+from conftest import DETECT, THREE, free_port, rank_environment, tiny_batch
 
 from parallel_yolo.strategies import REGISTRY
 
@@ -49,8 +49,8 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
     muon.zeropower_via_newtonschulz5 = counted
     torch.manual_seed(0)
     cfg = TrainConfig(optimizer="MuSGD", lr0=LR, batch=4)
-    hyp = yolo.hyp_namespace(cfg)
-    model = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+    hyp = yolo.hyp_namespace(cfg, DETECT)
+    model = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp)
     criterion = yolo.build_criterion(model)
     env, device = pdist.read_env(), torch.device("cpu")
     with pdist.process_group(env, device) if name != "ultralytics" else contextlib.nullcontext():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, rank_environment, tiny_batch
+from conftest import DETECT, THREE, free_port, rank_environment, tiny_batch
 
 from parallel_yolo.config import OPTIMIZERS
 from parallel_yolo.strategies import REGISTRY
@@ -33,8 +33,8 @@ def _worker(rank: int, world: int, port: int, name: str, out: str) -> None:
         for optimizer in OPTIMIZERS:
             torch.manual_seed(0)
             cfg = TrainConfig(optimizer=optimizer, lr0=0.01, batch=4)
-            hyp = yolo.hyp_namespace(cfg)
-            model = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+            hyp = yolo.hyp_namespace(cfg, DETECT)
+            model = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp)
             criterion = yolo.build_criterion(model)
             strategy = create(name, env=env, device=device, precision=policy("fp32"), options=preset(name))
             # 20,000 images a step for 300 epochs: optimizer=auto picks MuSGD, as on a real dataset

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, rank_environment, tiny_batch
+from conftest import DETECT, THREE, free_port, rank_environment, tiny_batch
 
 
 def _worker(rank: int, world: int, port: int, optimizer: str, out: str) -> None:
@@ -27,8 +27,8 @@ def _worker(rank: int, world: int, port: int, optimizer: str, out: str) -> None:
     device = torch.device("cpu")
     with pdist.process_group(env, device):
         cfg = TrainConfig(optimizer=optimizer, lr0=0.01, batch=4)
-        hyp = yolo.hyp_namespace(cfg)
-        model = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+        hyp = yolo.hyp_namespace(cfg, DETECT)
+        model = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp)
         criterion = yolo.build_criterion(model)
         strategy = create("fsdp", env=env, device=device, precision=policy("fp32"), options=preset("fsdp"))
         strategy.setup(model, make_optimizer=yolo.optimizer_factory(cfg, hyp, nc=3, dataset_size=8,

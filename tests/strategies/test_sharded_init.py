@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, rank_environment, tiny_batch
+from conftest import DETECT, THREE, free_port, rank_environment, tiny_batch
 
 STRATEGIES = ("fsdp", "hsdp", "zero3")
 
@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     env, device = pdist.read_env(), torch.device("cpu")
     cfg = TrainConfig(optimizer="MuSGD", lr0=0.01, batch=4)  # MuSGD: its groups follow the parameters' shapes
-    hyp = yolo.hyp_namespace(cfg)
+    hyp = yolo.hyp_namespace(cfg, DETECT)
     results = {}
     with pdist.process_group(env, device):
         for name in STRATEGIES:
@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                     keep(layer, last)
 
                 torch.manual_seed(0)
-                model = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp,
+                model = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp,
                                          keep=watched if keep else None)
                 strategy.setup(model, make_optimizer=yolo.optimizer_factory(cfg, hyp, nc=3, dataset_size=8,
                                                                               weight_decay=5e-4))
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 strategy.barrier()
     # the group is gone: a model built now (a consolidate, a validation in the same process) must run as any model;
     # ZeRO-3's hooks once sat on Ultralytics' shared activation and ran here ("DeepSpeed backend not set")
-    fresh = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+    fresh = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp)
     results["after"] = len(fresh.eval()(torch.zeros(1, 3, 64, 64))[1])
     torch.save(results, os.path.join(out, f"{rank}.pt"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import DETECT, ROOT, THREE
 
 from parallel_yolo.config import ConfigError, TrainConfig
 from parallel_yolo.tasks import yolo
@@ -12,8 +12,8 @@ from parallel_yolo.tasks import yolo
 
 @pytest.mark.parametrize("spec", ["yolov8s.yaml", "yolov8n-p6.yaml", "yolo11n.yaml", "yolo26n.yaml"])
 def test_builds_detection_yamls_with_their_loss(spec):
-    hyp = yolo.hyp_namespace(TrainConfig(model=spec))
-    model = yolo.build_model(spec, nc=5, names={i: str(i) for i in range(5)}, hyp=hyp)
+    hyp = yolo.hyp_namespace(TrainConfig(model=spec), DETECT)
+    model = yolo.build_model(spec, task=DETECT, data={"nc": 5, "names": {i: str(i) for i in range(5)}}, hyp=hyp)
     assert model.nc == 5 and model.model[-1].nc == 5
     preds = model(torch.zeros(2, 3, 64, 64))
     batch = {"batch_idx": torch.tensor([0.0]), "cls": torch.tensor([[1.0]]),
@@ -23,25 +23,25 @@ def test_builds_detection_yamls_with_their_loss(spec):
 
 
 def test_local_pt_weights_are_loaded(tmp_path):
-    hyp = yolo.hyp_namespace(TrainConfig())
-    source = yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+    hyp = yolo.hyp_namespace(TrainConfig(), DETECT)
+    source = yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp)
     torch.nn.init.constant_(source.model[0].conv.weight, 0.125)
     torch.save({"model": source}, tmp_path / "w.pt")
-    loaded = yolo.build_model(str(tmp_path / "w.pt"), nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp)
+    loaded = yolo.build_model(str(tmp_path / "w.pt"), task=DETECT, data=THREE, hyp=hyp)
     assert torch.equal(loaded.model[0].conv.weight, source.model[0].conv.weight)
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read"):
-        yolo.build_model(str(tmp_path / "bad.pt"), nc=3, names={}, hyp=None)
+        yolo.build_model(str(tmp_path / "bad.pt"), task=DETECT, data=THREE, hyp=None)
 
 
 @pytest.mark.parametrize("name", ["SGD", "AdamW"])
 def test_optimizer_steps_with_the_fused_kernel_and_the_same_result(name):
     cfg = TrainConfig(optimizer=name, lr0=0.01)
-    hyp = yolo.hyp_namespace(cfg)
-    models = [yolo.build_model("yolov8n.yaml", nc=3, names={0: "a", 1: "b", 2: "c"}, hyp=hyp) for _ in range(2)]
+    hyp = yolo.hyp_namespace(cfg, DETECT)
+    models = [yolo.build_model("yolov8n.yaml", task=DETECT, data=THREE, hyp=hyp) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     fused = yolo.optimizer_factory(cfg, hyp, nc=3, dataset_size=8, weight_decay=0.0005)(models[0])
     assert all(group["fused"] for group in fused.param_groups)
