@@ -7,7 +7,7 @@ The package in layers, lowest first; a module imports only from its own subpacka
    _ultralytics_internals.py: the leaves
 2. config (the schemas and the key=value parser), monitor (memory, collectives counted, the run log)
 3. launch (launchers, process groups, restarts, exit), optim (MuSGD, EMA)
-4. data (loaders, demo dataset), tasks (the Ultralytics adapter)
+4. data (loaders, every task's demo data), tasks (Ultralytics' tasks and the adapter)
 5. checkpoint (sharded folders, resharding, S3 mirror)
 6. strategies (ddp, zero1/2/3, fsdp, precision)
 7. engine (the train state, loop, step, validation, resume, consolidate)

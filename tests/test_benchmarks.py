@@ -26,6 +26,7 @@ TINY_RUNS = {  # each script at a tiny size, and a line its summary prints
     "activation_checkpointing.py": (["model=yolov8n.yaml", "imgsz=64", "steps=2", "modes=all"], "+all: activations"),
     "vs_ultralytics.py": (["epochs=1", "rounds=1"], '"summary"'),
     "upload.py": (["epochs=1", "imgsz=64", "plots=false"], "mean wall time"),
+    "tasks.py": (["tasks=segment,classify", "epochs=1", "images=16", "imgsz=64", "seeds=1"], '"summary"'),
 }
 
 

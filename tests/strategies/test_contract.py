@@ -88,6 +88,24 @@ def references(tmp_path_factory):
     return get
 
 
+def _check_like_one_process(run: tuple, reference: tuple, tol: dict[str, float], label: str, more: str = "") -> None:
+    """Per-step losses, final weights and EMA, and gradient norms of a run (loss, norm, weights, ema) against the
+    one-process reference, within `tol`; the figures are printed (pytest -s shows them)."""
+    loss, norm, weights, ema = run
+    ref_loss, ref_norm, ref_w, ref_ema = reference[:4]
+    loss_rel = float(((loss - ref_loss).abs() / ref_loss.abs()).max())
+    params = [k for k, v in ref_w.items() if v.is_floating_point() and "running" not in k]
+    weight_rel = _rel(_flat(weights, params), _flat(ref_w, params))
+    ema_rel = _rel(_flat(ema, params), _flat(ref_ema, params))
+    norm_rel = float(((norm - ref_norm).abs() / ref_norm).max())
+    print(f"\n{label}: loss {loss_rel:.1e}{more}  weights {weight_rel:.1e}  EMA {ema_rel:.1e}  grad norm "
+          f"{norm_rel:.1e}")
+    assert loss_rel <= tol["loss"] and weight_rel <= tol["weights"] and ema_rel <= tol["weights"]
+    # Step 1 starts from identical weights: the global norm over all shards equals one process's norm.
+    assert abs(float(norm[0] - ref_norm[0])) / float(ref_norm[0]) <= FIRST_NORM
+    assert norm_rel <= tol["later_norms"]
+
+
 def _flat(state: dict, keys: list[str]) -> torch.Tensor:
     return torch.cat([state[k].flatten() for k in keys])
 
@@ -100,7 +118,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("optimizer, strategy", CASES)
 def test_strategy_matches_single_process(optimizer, strategy, references, workdir):
     reference = references(optimizer)
-    ref_loss, ref_norm, ref_w, ref_ema, _ = reference
+    ref_loss, _, ref_w, _, _ = reference
     loss, norm, weights, ema, run = _train(workdir, strategy, "nproc=2", f"strategy={strategy}",
                                            f"optimizer={optimizer}")
     tol = TOLERANCE.get((optimizer, strategy), EXACT)
@@ -108,17 +126,8 @@ def test_strategy_matches_single_process(optimizer, strategy, references, workdi
     assert len(loss) == STEPS
     second_loss = abs(float(loss[1] - ref_loss[1])) / abs(float(ref_loss[1]))
     assert second_loss <= tol.get("second_loss", tol["loss"]), second_loss
-    loss_rel = float(((loss - ref_loss).abs() / ref_loss.abs()).max())
-    params = [k for k, v in ref_w.items() if v.is_floating_point() and "running" not in k]
-    weight_rel = _rel(_flat(weights, params), _flat(ref_w, params))
-    ema_rel = _rel(_flat(ema, params), _flat(ref_ema, params))
-    norm_rel = float(((norm - ref_norm).abs() / ref_norm).max())
-    print(f"\n{optimizer} {strategy}: loss {loss_rel:.1e} (step 2: {second_loss:.1e})  weights {weight_rel:.1e}  "
-          f"EMA {ema_rel:.1e}  grad norm {norm_rel:.1e}")
-    assert loss_rel <= tol["loss"] and weight_rel <= tol["weights"] and ema_rel <= tol["weights"]
-    # Step 1 starts from identical weights: the global norm over all shards equals one process's norm.
-    assert abs(float(norm[0] - ref_norm[0])) / float(ref_norm[0]) <= FIRST_NORM
-    assert norm_rel <= tol["later_norms"]
+    _check_like_one_process((loss, norm, weights, ema), reference, tol, f"{optimizer} {strategy}",
+                            f" (step 2: {second_loss:.1e})")
     assert set(weights) == set(ref_w) and all(weights[k].dtype == ref_w[k].dtype for k in ref_w)
     assert not torch.equal(ema["model.0.conv.weight"], weights["model.0.conv.weight"])  # EMA is its own copy
     # memory.json: what each rank holds. Every strategy but DDP shards the optimizer state over the 2 ranks.
@@ -167,6 +176,27 @@ TASK_DEFAULT = {"segment": "zero3", "pose": "fsdp", "obb": "zero2", "classify": 
 # no gains (norms 70-90): its pixel loss has no assigner to amplify the clip coefficient's last bits.
 TASK_GAINS = {"segment": ["box=0.01"], "pose": ["box=0.1", "pose=0.03", "kobj=0.01"],
               "obb": ["box=0.01", "dfl=0.01", "cls=0.005", "angle=0.001"], "depth": ["dlog=0.02", "dgrad=0.01"]}
+# Tolerances per task, measured on this machine (2 processes against one, 5 steps; the bounds ~4x the largest):
+# - segment, pose, OBB and depth with the gains above: every strategy but ZeRO-3 bit-identical (loss 0.0, weights
+#   <= 5e-13), ZeRO-3 as detection's (segment 2.6e-5 / 3.3e-5, pose 1.9e-5 / 2.4e-5, OBB 1.3e-6 / 1.7e-7) except
+#   depth: DepthLoss26 (a log loss on every pixel, then a mean over the image) turns ZeRO-3's changed last bits into
+#   loss 1.5e-3, weights 8.0e-4, norms 2.3e-2 by step 5;
+# - classification and semantic segmentation, whose losses have no gains and whose norms (15-90) stay above the clip:
+#   the clip coefficient, from a norm summed over shards in another order, differs in its last bits on every step;
+#   measured loss <= 4.5e-5, weights <= 1.5e-4, norms <= 3.8e-3 (semantic), <= 1.1e-5 / 2.1e-6 / 7.8e-5 (classify).
+#   DDP, which sums the norm as one process does, stays bit-identical for both.
+CLIPPED = {"loss": 2e-4, "weights": 6e-4, "later_norms": 2e-2}
+DEPTH_ZERO3 = {"loss": 6e-3, "weights": 3.2e-3, "later_norms": 0.1}
+
+
+def task_tolerance(task: str, strategy: str) -> dict[str, float]:
+    if strategy != "ddp" and task in ("classify", "semantic"):
+        return CLIPPED
+    if task == "depth" and strategy.startswith("zero3"):
+        return DEPTH_ZERO3
+    return TOLERANCE.get(("SGD", strategy), EXACT)
+
+
 TASK_CASES = [(task, name) if TASK_DEFAULT[task] == name else pytest.param(task, name, marks=pytest.mark.extended)
               for task in TASK_MODELS for name in DISTRIBUTED]
 
@@ -187,19 +217,10 @@ def task_references(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("task, strategy", TASK_CASES)
 def test_every_task_matches_single_process(task, strategy, task_references, workdir):
-    ref_loss, ref_norm, ref_w, ref_ema, _ = task_references(task)
+    ref_w = task_references(task)[2]
     loss, norm, weights, ema, run = _train(workdir, strategy, "nproc=2", f"strategy={strategy}", "optimizer=SGD",
                                            f"model={TASK_MODELS[task]}", "data=demo", *TASK_GAINS.get(task, ()))
-    tol = TOLERANCE.get(("SGD", strategy), EXACT)
+    tol = task_tolerance(task, strategy)
     assert len(loss) == STEPS and yaml.safe_load((run / "args.yaml").read_text())["model"] == TASK_MODELS[task]
-    params = [k for k, v in ref_w.items() if v.is_floating_point() and "running" not in k]
-    loss_rel = float(((loss - ref_loss).abs() / ref_loss.abs()).max())
-    weight_rel = _rel(_flat(weights, params), _flat(ref_w, params))
-    ema_rel = _rel(_flat(ema, params), _flat(ref_ema, params))
-    norm_rel = float(((norm - ref_norm).abs() / ref_norm).max())
-    print(f"\n{task} {strategy}: loss {loss_rel:.1e}  weights {weight_rel:.1e}  EMA {ema_rel:.1e}  grad norm "
-          f"{norm_rel:.1e}")
-    assert loss_rel <= tol["loss"] and weight_rel <= tol["weights"] and ema_rel <= tol["weights"]
-    assert abs(float(norm[0] - ref_norm[0])) / float(ref_norm[0]) <= FIRST_NORM
-    assert norm_rel <= tol["later_norms"]
+    _check_like_one_process((loss, norm, weights, ema), task_references(task), tol, f"{task} {strategy}")
     assert float(loss.min()) > 0 and set(weights) == set(ref_w)

@@ -143,3 +143,17 @@ def test_the_readme_task_lines_run(task, workdir):
     check(run_cli(*words, "epochs=1", "max_steps=2", "imgsz=64", "workers=0", "plots=false", "fraction=0.25",
                   cwd=workdir))
     assert list((workdir / "runs" / "detect").glob("*/weights/last/manifest.json"))
+
+
+@pytest.mark.slow
+def test_compare_measures_a_task_on_its_demo_batch(workdir):
+    """`compare` on a classification model: its batch comes from the task's demo through Ultralytics' dataset, and
+    FSDP holds half of DDP's model states on each of 2 ranks, as for detection."""
+    import json
+
+    from conftest import check
+
+    check(run_cli("compare", "model=yolov8n-cls.yaml", "nproc=2", "imgsz=64", "batch=4", "steps=2",
+                  "strategies=ddp,fsdp", "project=cmp", "name=c", cwd=workdir))
+    rows = {r["strategy"]: r for r in json.loads((workdir / "cmp" / "c" / "compare.json").read_text())["summary"]}
+    assert 0.45 < rows["fsdp"]["states_MiB"] / rows["ddp"]["states_MiB"] < 0.55, rows

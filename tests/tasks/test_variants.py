@@ -1,6 +1,7 @@
-"""Every detection family Ultralytics ships trains under ddp, zero2, zero3 and fsdp on 2 processes, consolidates to
-an Ultralytics .pt that `ultralytics.YOLO(pt).val()` evaluates, or is refused before start in one line; the family
-table of docs/strategies.md is this test's output (PARALLEL_YOLO_WRITE_README=1 writes it there)."""
+"""Every detection family Ultralytics ships, and every other task of YOLOv8, YOLO11 and YOLO26, trains under ddp,
+zero2, zero3 and fsdp on 2 processes, consolidates to an Ultralytics .pt that `ultralytics.YOLO(pt).val()` evaluates
+and predicts with, or is refused before start in one line; the family table of docs/strategies.md and the task
+table of docs/tasks.md are this test's output (PARALLEL_YOLO_WRITE_README=1 writes them there)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,18 @@ FAMILIES = [("YOLOv3", "yolov3-tiny.yaml"), ("YOLOv5", "yolov5nu.yaml"),
             ("YOLOv9", "yolov9t.yaml"), ("YOLOv10", "yolov10n.yaml"), ("YOLO11", "yolo11n.yaml"),
             ("YOLO12", "yolo12n.yaml"), ("YOLO26", "yolo26n.yaml"), ("YOLO26-p2", "yolo26n-p2.yaml"),
             ("YOLO26-p6", "yolo26n-p6.yaml"), ("RT-DETR", "rtdetr-l.yaml")]
+# every other task's model yaml in the families that have it (YOLOv10 has detection only)
+TASK_FAMILIES = [(f"{family} {task}", f"{stem}-{suffix}.yaml") for task, suffix, families in (
+    ("segment", "seg", ("YOLOv8", "YOLO11", "YOLO26")), ("pose", "pose", ("YOLOv8", "YOLO11", "YOLO26")),
+    ("obb", "obb", ("YOLOv8", "YOLO11", "YOLO26")), ("classify", "cls", ("YOLOv8", "YOLO11", "YOLO26")),
+    ("semantic", "sem", ("YOLO26",)), ("depth", "depth", ("YOLO26",)))
+    for family, stem in (("YOLOv8", "yolov8n"), ("YOLO11", "yolo11n"), ("YOLO26", "yolo26n")) if family in families]
 STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 MARKERS = ("<!-- families: tests/tasks/test_variants.py writes this table -->", "<!-- /families -->")
+TASK_MARKERS = ("<!-- task families: tests/tasks/test_variants.py writes this table -->", "<!-- /task families -->")
 
 
-def _worker(rank: int, world: int, base_port: int, folder: str) -> None:
+def _worker(rank: int, world: int, base_port: int, folder: str, families: list) -> None:
     from parallel_yolo.config import ConfigError, TrainConfig
     from parallel_yolo.engine.consolidate import consolidate
     from parallel_yolo.engine.trainer import train
@@ -31,7 +39,7 @@ def _worker(rank: int, world: int, base_port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world))
     results = {}
-    for k, ((_, spec), name) in enumerate((f, s) for f in FAMILIES for s in STRATEGIES):
+    for k, ((_, spec), name) in enumerate((f, s) for f in families for s in STRATEGIES):
         os.environ["MASTER_PORT"] = str(base_port + k)  # a fresh rendezvous for every run
         run = f"{spec[:-5]}-{name}"
         cfg = TrainConfig(model=spec, strategy=name, data="demo", imgsz=64, epochs=1, max_steps=2, batch=4,
@@ -51,8 +59,9 @@ def _worker(rank: int, world: int, base_port: int, folder: str) -> None:
 
 
 def _validates(pt: str, checkpoint: str, folder: str) -> str:
-    """Ultralytics loads the .pt with the checkpoint's own EMA weights, and its validation returns an mAP in [0, 1]
-    (after 2 steps nothing is detected yet: the number is checked for being one, the weights for being ours)."""
+    """Ultralytics loads the .pt with the checkpoint's own EMA weights, its validation returns the task's main metric
+    as a finite number (after 2 steps nothing is found yet: the number is checked for being one, the weights for
+    being ours), and it predicts on one of the task's demo images."""
     import math
 
     import torch
@@ -68,17 +77,26 @@ def _validates(pt: str, checkpoint: str, folder: str) -> str:
         off = [k for k in ours if not torch.equal(theirs[k], ours[k].to(theirs[k].dtype))]
         if off:
             return f"FAILED: the .pt's weights are not the checkpoint's EMA: {off[:3]}"
+        from ultralytics.cfg import TASK2METRIC
+
+        from parallel_yolo.data.demo import demo_dataset
+
         metrics = model.val(imgsz=64, batch=16, plots=False, verbose=False, project=folder, name="val", exist_ok=True)
-        value = float(metrics.box.map)
-        return "validates" if math.isfinite(value) and 0 <= value <= 1 else f"FAILED: mAP50-95 {value}"
+        value = float(metrics.results_dict[TASK2METRIC[model.task]])
+        made = demo_dataset(model.task)
+        image = next(p for p in sorted((made if made.is_dir() else made.parent).rglob("*.png"))
+                     if "images" in p.parts or model.task == "classify")
+        if len(model.predict(str(image), imgsz=64, verbose=False)) != 1:
+            return "FAILED: predict"
+        return "validates" if math.isfinite(value) else f"FAILED: {TASK2METRIC[model.task]} {value}"
     except Exception as e:  # noqa: BLE001
         return f"FAILED: YOLO(pt).val(): {type(e).__name__}: {e}"
 
 
-def table(cells: dict[tuple[str, str], str]) -> str:
-    """The family table of docs/strategies.md: a row per model yaml, a column per strategy."""
+def table(cells: dict[tuple[str, str], str], families: list) -> str:
+    """A family table: a row per model yaml, a column per strategy."""
     lines = ["| family | model yaml | " + " | ".join(STRATEGIES) + " |", "|---|---|" + "---|" * len(STRATEGIES)]
-    for family, spec in FAMILIES:
+    for family, spec in families:
         row = [cells[spec, name] for name in STRATEGIES]
         if all(cell.startswith("refused") for cell in row) and len(set(row)) == 1:
             lines.append(f"| {family} | {spec} | {row[0]} |" + " |" * (len(STRATEGIES) - 1))
@@ -87,14 +105,12 @@ def table(cells: dict[tuple[str, str], str]) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.slow
-@pytest.mark.extended  # ~70 short runs (about 15 minutes on a 2-core machine)
-def test_every_family_trains_consolidates_and_validates_or_is_refused(tmp_path):
+def _run_table(tmp_path, families: list, page: str, markers: tuple[str, str]) -> dict[tuple[str, str], str]:
     folder = str(tmp_path)
-    mp.spawn(_worker, args=(2, free_port(), folder), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), folder, families), nprocs=2)
     results = json.loads((tmp_path / "results.json").read_text())
     cells = {}
-    for _, spec in FAMILIES:
+    for _, spec in families:
         for name in STRATEGIES:
             run = f"{spec[:-5]}-{name}"
             outcome = results[run]
@@ -102,16 +118,30 @@ def test_every_family_trains_consolidates_and_validates_or_is_refused(tmp_path):
                 outcome = _validates(f"{folder}/{run}.pt", f"{folder}/{run}/weights/last", folder)
                 outcome = "trains, consolidates, validates" if outcome == "validates" else outcome
             cells[spec, name] = outcome.replace("|", "/")
-    text = table(cells)
+    text = table(cells, families)
     failed = {k: v for k, v in cells.items() if v.startswith("FAILED")}
-    readme = (ROOT / "docs" / "strategies.md").read_text()
-    start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+    readme = (ROOT / "docs" / page).read_text()
+    start, end = readme.index(markers[0]) + len(markers[0]), readme.index(markers[1])
     assert not failed, failed
     if os.environ.get("PARALLEL_YOLO_WRITE_README") == "1":
-        (ROOT / "docs" / "strategies.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
+        (ROOT / "docs" / page).write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
     else:
         assert re.sub(r"\s+", " ", readme[start:end]).strip() == re.sub(r"\s+", " ", text).strip(), \
-            "the family table of docs/strategies.md is stale: run this test with PARALLEL_YOLO_WRITE_README=1"
+            f"the table of docs/{page} is stale: run this test with PARALLEL_YOLO_WRITE_README=1"
+    return cells
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # ~70 short runs (about 15 minutes on a 2-core machine)
+def test_every_family_trains_consolidates_and_validates_or_is_refused(tmp_path):
+    cells = _run_table(tmp_path, FAMILIES, "strategies.md", MARKERS)
     # what the issue names as the point: no family is left unchecked, RT-DETR is refused before start
     assert all(cells["rtdetr-l.yaml", name].startswith("refused: model=rtdetr-l.yaml: its last layer is RTDETRDecoder, "
                                                        "RT-DETR's decoder") for name in STRATEGIES)
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # 56 short runs (about 12 minutes on a 2-core machine)
+def test_every_task_of_every_family_trains_consolidates_validates_and_predicts(tmp_path):
+    cells = _run_table(tmp_path, TASK_FAMILIES, "tasks.md", TASK_MARKERS)
+    assert all(cell == "trains, consolidates, validates" for cell in cells.values())
