@@ -22,7 +22,7 @@ from ..launch import dist
 from ..launch.heartbeat import progress
 from ..monitor import memory
 from ..monitor.runlog import RunLog
-from ..strategies import select
+from ..strategies import REGISTRY, select
 from ..tasks import yolo
 from ..tasks.task import Task
 from . import callbacks
@@ -34,11 +34,13 @@ from .validate import Evaluator
 __all__ = ["train", "preflight", "run_task"]
 
 
-def run_task(cfg: TrainConfig) -> Task:
-    """The run's task: its model's, or the model's of the checkpoint it resumes (checked by data, not loaded)."""
+def run_task(cfg: TrainConfig, *, strategy: tuple[str, bool] | None = None) -> Task:
+    """The run's task: its model's, or the model's of the checkpoint it resumes (checked by data, not loaded);
+    `strategy`: (name, whether it shards parameters), to refuse a model whose loss it cannot serve."""
     if cfg.resume:
-        return yolo.model_task(checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"])
-    return yolo.model_task(cfg.model)
+        spec = checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"]
+        return yolo.model_task(spec, strategy=strategy)
+    return yolo.model_task(cfg.model, strategy=strategy)
 
 
 def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
@@ -49,7 +51,7 @@ def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:
     choice = select(strategy=cfg.strategy, precision=cfg.precision, sync_bn=cfg.sync_bn, env=env,
                     world_size=world_size, cuda=device.type == "cuda")
     cfg.per_rank_batch(world_size)
-    task = run_task(cfg)
+    task = run_task(cfg, strategy=(choice[0], "params" in REGISTRY[choice[0]].sharded))
     datamod.resolve_dataset(cfg.data, task.name)
     if cfg.upload:  # boto3 and credentials, before any process starts (the config checked the URL's form)
         remote.check_url("upload", cfg.upload)

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import ConfigError
 
-__all__ = ["Task", "TASKS", "task_named", "task_of_layers", "served_tasks"]
+__all__ = ["Task", "TASKS", "task_named", "task_of_layers", "served_tasks", "refuse_sharded_params"]
 
 PER_OBJECT = ("batch_idx", "cls", "bboxes", "keypoints")
 """The keys of a collated YOLODataset batch that hold a row per object (with batch_idx naming its image)."""
@@ -122,3 +122,21 @@ def task_of_layers(layers: dict, source: str) -> Task:
         raise ConfigError(f"{source}: its last layer is {head}, a {name} head this version does not train (it trains "
                           f"{', '.join(task.heads)})")
     return task
+
+
+# heads whose loss runs modules of the model outside its forward pass: under a strategy that shards parameters the
+# loss would meet shards (FSDP: DTensors; ZeRO-3: empty partitions), and only ranks whose batch has objects run them,
+# so the gathers would not match across ranks
+_LOSS_RUNS_MODEL = {
+    "Pose26": "its RLE keypoint loss (PoseLoss26) runs the head's flow model (RealNVP) outside the forward pass, "
+              "where a parameter-sharding strategy holds only shards of it, and only on ranks whose batch has objects",
+}
+
+
+def refuse_sharded_params(layers: dict, source: str, strategy: str) -> None:
+    """Refuse a model whose loss runs parts of the model outside its forward under a strategy that shards parameters
+    (`strategy`), naming the strategies that serve it."""
+    head = str((layers.get("head") or [[None, None, "?"]])[-1][2])
+    if head in _LOSS_RUNS_MODEL:
+        raise ConfigError(f"{source} under strategy={strategy}: {_LOSS_RUNS_MODEL[head]}; train it with ddp, zero1 or "
+                          "zero2 (parameters whole on every rank), or a YOLOv8 / YOLO11 pose model under any strategy")

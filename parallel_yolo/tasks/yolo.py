@@ -19,7 +19,7 @@ from .._internals import LibraryChanged
 from .._torch_internals import fused_kernel_devices
 from .._ultralytics_internals import build_layer_by_layer, build_optimizer, model_class
 from ..config import ConfigError, TrainConfig
-from .task import Task, task_of_layers
+from .task import Task, refuse_sharded_params, task_of_layers
 
 __all__ = ["hyp_namespace", "model_task", "check_layers", "load_local_pt", "build_model", "set_task_attributes",
            "build_criterion", "loss_names", "to_float", "optimizer_factory", "fused", "nominal_accumulate"]
@@ -37,14 +37,20 @@ def hyp_namespace(cfg: TrainConfig, task: Task) -> Any:
     return get_cfg(overrides=ours)
 
 
-def model_task(spec: str | dict) -> Task:
+def model_task(spec: str | dict, *, strategy: tuple[str, bool] | None = None) -> Task:
     """The task of a model (a yaml, a local .pt or a checkpoint's model description), refusing one that cannot be
-    found locally or is no YOLO model of a task this version trains; before any process group exists."""
+    found locally or is no YOLO model of a task this version trains, and with `strategy` (its name, whether it shards
+    parameters) one whose loss that strategy cannot serve; before any process group exists."""
     if isinstance(spec, dict):
-        return task_of_layers(check_layers(spec, "the checkpoint's model"), "the checkpoint's model")
-    if spec.endswith(".pt"):
-        return task_of_layers(check_layers(load_local_pt(spec).yaml, f"model={spec}"), f"model={spec}")
-    return task_of_layers(_model_yaml(spec), f"model={spec}")
+        layers, source = check_layers(spec, "the checkpoint's model"), "the checkpoint's model"
+    elif spec.endswith(".pt"):
+        layers, source = check_layers(load_local_pt(spec).yaml, f"model={spec}"), f"model={spec}"
+    else:
+        layers, source = _model_yaml(spec), f"model={spec}"
+    task = task_of_layers(layers, source)
+    if strategy is not None and strategy[1]:
+        refuse_sharded_params(layers, source, strategy[0])
+    return task
 
 
 def build_model(spec: str | dict, *, task: Task, data: dict[str, Any], hyp: Any, verbose: bool = False,

@@ -16,6 +16,8 @@ MODELS = {"detect": "yolo26n.yaml", "segment": "yolo26n-seg.yaml", "pose": "yolo
 DEFAULT = {("segment", "ddp")}
 CASES = [(task, name) if (task, name) in DEFAULT else pytest.param(task, name, marks=pytest.mark.extended)
          for task in MODELS for name in ("ddp", "zero2", "fsdp")]
+# YOLO26 pose's RLE loss runs the head's flow model outside the forward: refused where parameters are sharded
+REFUSED = {("pose", "fsdp")}
 LIMIT_S = 240  # a run takes ~30 s on 2 cores; a hang would wait for the collective timeout (1800 s)
 
 
@@ -41,6 +43,9 @@ def test_object_less_ranks_and_idle_heads_do_not_hang(task, strategy, workdir):
                      "batch=4", "nbs=4", "workers=0", "plots=false", "val=false", f"strategy={strategy}", "nproc=2",
                      "gloo_collectives=false", "timeout=60", "project=runs", "name=run", cwd=workdir,
                      timeout=LIMIT_S)
+    if (task, strategy) in REFUSED:
+        assert result.returncode == 2 and "its RLE keypoint loss" in result.stderr.splitlines()[-1], result.stderr
+        return
     check(result)
     rows = read_csv(workdir / "runs" / "run" / "steps.csv")
     assert len(rows) == 10 and {r["epoch"] for r in rows} == {"1", "2"}  # 18 images / 4: 5 steps, the last uneven

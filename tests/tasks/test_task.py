@@ -104,6 +104,17 @@ def test_pose_keypoints_of_another_shape_are_refused(tmp_path, monkeypatch):
         loader.build_dataset(hyp, data, "train", batch=2, stride=32, mode="train")
 
 
+@pytest.mark.parametrize("strategy", ["zero3", "zero3_offload", "fsdp", "fsdp_grad_op", "hsdp"])
+def test_a_loss_that_runs_the_model_outside_its_forward_is_refused_where_parameters_are_sharded(strategy):
+    from parallel_yolo.strategies import REGISTRY
+
+    assert "params" in REGISTRY[strategy].sharded
+    with pytest.raises(ConfigError, match=f"yolo26n-pose.yaml under strategy={strategy}: its RLE keypoint loss"):
+        yolo.model_task("yolo26n-pose.yaml", strategy=(strategy, True))
+    assert yolo.model_task("yolo26n-pose.yaml", strategy=("zero2", False)).name == "pose"
+    assert yolo.model_task("yolo11n-pose.yaml", strategy=(strategy, True)).name == "pose"
+
+
 def test_a_mismatch_stops_the_command_in_one_line(workdir):
     """Through the real entry point, before any process starts: one line, exit 2."""
     result = run_cli("train", "model=yolov8n-seg.yaml", "data=demo-cls", "nproc=2", "strategy=zero2", cwd=workdir)
@@ -126,7 +137,7 @@ def _readme_task_lines() -> dict[str, str]:
 
 def test_the_readme_shows_one_line_per_task_whose_model_is_of_that_task():
     lines = _readme_task_lines()
-    assert list(lines) == list(served_tasks())
+    assert sorted(lines) == sorted(served_tasks()) and len(lines) == len(served_tasks())
     for task, line in lines.items():
         spec = next(word[6:] for word in line.split() if word.startswith("model="))
         assert yolo.model_task(spec).name == task, line

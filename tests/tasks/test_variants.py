@@ -144,4 +144,6 @@ def test_every_family_trains_consolidates_and_validates_or_is_refused(tmp_path):
 @pytest.mark.extended  # 56 short runs (about 12 minutes on a 2-core machine)
 def test_every_task_of_every_family_trains_consolidates_validates_and_predicts(tmp_path):
     cells = _run_table(tmp_path, TASK_FAMILIES, "tasks.md", TASK_MARKERS)
-    assert all(cell == "trains, consolidates, validates" for cell in cells.values())
+    refused = {key for key, cell in cells.items() if cell.startswith("refused")}
+    assert refused == {("yolo26n-pose.yaml", "zero3"), ("yolo26n-pose.yaml", "fsdp")}, refused
+    assert all(cells[key] == "trains, consolidates, validates" for key in set(cells) - refused)
