@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .. import checkpoint
 from ..config import TrainConfig
 from ..data import loader as datamod
 from ..monitor import memory
@@ -22,7 +24,7 @@ from ..tasks import yolo
 from ..tasks.task import Task
 from . import recompute
 
-__all__ = ["TrainState", "make_strategy", "build_train_state"]
+__all__ = ["TrainState", "make_strategy", "build_train_state", "run_task"]
 
 
 @dataclass(slots=True)
@@ -43,6 +45,15 @@ class TrainState:
     """Every parameter's whole number of elements, by name (also where the strategy built it sharded)."""
     profiled: recompute.Profile | None
     """The model's activation profile, when asked for."""
+
+
+def run_task(cfg: TrainConfig, *, strategy: tuple[str, bool] | None = None) -> Task:
+    """The run's task: its model's, or the model's of the checkpoint it resumes (checked by data, not loaded);
+    `strategy`: (name, whether it shards parameters), to refuse a model whose loss it cannot serve."""
+    if cfg.resume:
+        spec = checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"]
+        return yolo.model_task(spec, strategy=strategy)
+    return yolo.model_task(cfg.model, strategy=strategy)
 
 
 def make_strategy(name: str, precision: str, *, env, device, **options) -> Strategy:

@@ -24,23 +24,13 @@ from ..monitor import memory
 from ..monitor.runlog import RunLog
 from ..strategies import REGISTRY, select
 from ..tasks import yolo
-from ..tasks.task import Task
 from . import callbacks
-from .build import build_train_state, make_strategy
+from .build import build_train_state, make_strategy, run_task
 from .recipe import Schedule
 from .step import forward_backward, micro_batches
 from .validate import Evaluator
 
-__all__ = ["train", "preflight", "run_task"]
-
-
-def run_task(cfg: TrainConfig, *, strategy: tuple[str, bool] | None = None) -> Task:
-    """The run's task: its model's, or the model's of the checkpoint it resumes (checked by data, not loaded);
-    `strategy`: (name, whether it shards parameters), to refuse a model whose loss it cannot serve."""
-    if cfg.resume:
-        spec = checkpoint.load_manifest(Path(cfg.resume), verify=False)["model_yaml"]
-        return yolo.model_task(spec, strategy=strategy)
-    return yolo.model_task(cfg.model, strategy=strategy)
+__all__ = ["train", "preflight"]
 
 
 def preflight(cfg: TrainConfig, *, world_size: int) -> tuple[str, str]:

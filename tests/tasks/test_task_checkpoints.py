@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import NO_AUGMENT, check, load_weights, run_cli
 
-
 MODELS = {"segment": "yolov8n-seg.yaml", "pose": "yolov8n-pose.yaml", "obb": "yolov8n-obb.yaml",
           "classify": "yolov8n-cls.yaml", "semantic": "yolo26n-sem.yaml", "depth": "yolo26n-depth.yaml"}
 COMMON = ["data=demo", "imgsz=64", "epochs=1", "workers=0", "seed=0", "plots=false", *NO_AUGMENT, "batch=8", "nbs=8",
