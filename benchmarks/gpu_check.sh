@@ -26,7 +26,7 @@ WORK=$(mktemp -d)
 export YOLO_OFFLINE=1 PYTHONUNBUFFERED=1 PARALLEL_YOLO_CACHE="$WORK/cache"
 mkdir -p "$OUT"
 
-DATA=$(python -c "from parallel_yolo.data.loader import demo_dataset; print(demo_dataset(n_train=$IMAGES, n_val=64, size=$IMGSZ))") \
+DATA=$(python -c "from parallel_yolo.data.demo import demo_dataset; print(demo_dataset(n_train=$IMAGES, n_val=64, size=$IMGSZ))") \
   || { echo "dataset generation failed" >&2; exit 1; }
 
 for strategy in $STRATEGIES; do

@@ -38,6 +38,8 @@ YOLO(model).train(data=data, epochs=int(epochs), batch=16, nbs=16, imgsz=int(img
 def _last_metric(results_csv: Path, key: str) -> float:
     with open(results_csv, newline="") as f:
         rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+    if key not in rows[-1]:
+        raise SystemExit(f"{results_csv}: no column {key}; its columns: {list(rows[-1])}")
     return float(rows[-1][key])
 
 

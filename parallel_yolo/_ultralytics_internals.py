@@ -21,7 +21,7 @@ from ._internals import changed, require
 
 __all__ = ["build_optimizer", "musgd_fields", "musgd_defaults", "muon_update", "mosaic_from_whole_dataset",
            "model_class", "ema_decay", "validate_in_training_mode", "build_layer_by_layer", "trainer_events",
-           "trainer_method", "run_args", "integration_callbacks", "drop_model_graph", "system_metric_loggers",
+           "trainer_method", "prepare_metrics", "run_args", "integration_callbacks", "drop_model_graph", "system_metric_loggers",
            "use_local_font"]
 
 
@@ -98,6 +98,17 @@ def ema_decay(*, decay: float, tau: float):
     from ultralytics.utils.torch_utils import ModelEMA
 
     return require(ModelEMA(nn.Module(), decay=decay, tau=tau), "decay", "ultralytics", "the EMA's decay ramp")
+
+
+def prepare_metrics(validator, model: nn.Module, data: dict) -> None:
+    """Give `validator` its task's metrics object before its first run, as its own run does first (init_metrics):
+    DepthValidator makes its DepthMetrics there only, and results.csv's columns are its keys from the first epoch on,
+    validated or not."""
+    validator.data = data
+    try:
+        validator.init_metrics(model)
+    except AttributeError as error:
+        raise changed("ultralytics", f"a validator's init_metrics(model) ({error})", "the results.csv columns") from None
 
 
 class _TrainerView:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from parallel_yolo.tasks.task import TASKS
+# before the package is imported: its import sets Ultralytics' verbosity default (on) for a user's run
+os.environ.setdefault("YOLO_VERBOSE", "False")
+from parallel_yolo.tasks.task import TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DETECT = TASKS["detect"]

@@ -55,7 +55,8 @@ def test_gpu_check_writes_its_json(tmp_path):
     env = {**os.environ, "MODEL": "yolov8n.yaml", "IMGSZ": "64", "BATCH": "4", "IMAGES": "24", "STEPS": "2",
            "STRATEGIES": "ddp fsdp", "OUT": str(tmp_path), "PEAK_TFLOPS": "1",
            "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert (tmp_path / "gpu_check.json").exists(), result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     trained = report["train_torchrun_1gpu"]
     assert [row["strategy"] for row in trained] == ["ddp", "fsdp"], trained

@@ -130,8 +130,8 @@ class Trainer:
         self.mirror = remote.mirror(cfg.upload, run=folder, keep_last=cfg.keep_last, active=strategy.is_main)
         self.log.write_args({**cfg.to_dict(), "strategy": strategy.name, "precision": strategy.precision.name,
                              "world_size": strategy.world_size, "imgsz": self.imgsz})
-        self.evaluator = Evaluator(self.task, loader=self.val_loader, data=self.data, hyp=self.hyp, save_dir=folder,
-                                   device=self.device, world_size=strategy.world_size)
+        self.evaluator = Evaluator(self.task, strategy.raw_model, loader=self.val_loader, data=self.data, hyp=self.hyp,
+                                   save_dir=folder, device=self.device, world_size=strategy.world_size)
         self.hooks = callbacks.Hooks(self, save_dir=folder, active=strategy.is_main, plots=cfg.plots,
                                      sharded_params="params" in strategy.sharded)
 

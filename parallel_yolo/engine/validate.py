@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._ultralytics_internals import use_local_font, validate_in_training_mode
+from .._ultralytics_internals import prepare_metrics, use_local_font, validate_in_training_mode
 from ..config import ConfigError
 from ..tasks.task import Task
 
@@ -23,13 +23,14 @@ __all__ = ["Evaluator", "run_val", "load_for_eval", "model_from_checkpoint"]
 
 
 class Evaluator:
-    def __init__(self, task: Task, *, loader, data: dict, hyp: Any, save_dir: Path, device: torch.device,
-                 world_size: int):
+    def __init__(self, task: Task, model: nn.Module, *, loader, data: dict, hyp: Any, save_dir: Path,
+                 device: torch.device, world_size: int):
         args = copy(hyp)
         self.plots = args.plots = bool(hyp.plots)
         if self.plots:
             use_local_font()
         self.validator = task.validator_class()(loader, save_dir=Path(save_dir), args=args)
+        prepare_metrics(self.validator, model, data)  # `model`: its attributes only (names, head), not its weights
         self.data, self.device, self.world_size = data, device, world_size
 
     def metric_keys(self, loss_names: tuple[str, ...]) -> list[str]:
@@ -81,7 +82,7 @@ def run_val(cfg) -> dict[str, float] | None:
         folder = dist.broadcast_object(RunLog.new_folder(cfg.project, cfg.name, cfg.exist_ok) if env.is_main else None)
         Path(folder).mkdir(parents=True, exist_ok=True)
         model.args = hyp
-        evaluator = Evaluator(task, loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,
+        evaluator = Evaluator(task, model, loader=loader, data=data, hyp=hyp, save_dir=folder, device=device,
                               world_size=env.world_size)
         model = model.to(device).eval()
         model.criterion = model.init_criterion()  # Ultralytics' loss of the task: the validation losses' names

@@ -168,3 +168,16 @@ def test_compare_measures_a_task_on_its_demo_batch(workdir):
                   "strategies=ddp,fsdp", "project=cmp", "name=c", cwd=workdir))
     rows = {r["strategy"]: r for r in json.loads((workdir / "cmp" / "c" / "compare.json").read_text())["summary"]}
     assert 0.45 < rows["fsdp"]["states_MiB"] / rows["ddp"]["states_MiB"] < 0.55, rows
+
+
+@pytest.mark.slow
+def test_results_csv_has_the_tasks_columns_from_an_epoch_not_validated(workdir):
+    """Depth's validator makes its metrics only when it first runs: the columns come from the task all the same
+    (before, an unvalidated first epoch wrote detection's mAP columns and the metrics never found theirs)."""
+    from conftest import check, read_csv
+
+    check(run_cli("train", "model=yolo26n-depth.yaml", "data=demo", "imgsz=64", "epochs=2", "batch=8", "workers=0",
+                  "plots=false", "val=false", "fraction=0.125", "project=runs", "name=d", cwd=workdir))
+    rows = read_csv(workdir / "runs" / "d" / "results.csv")
+    assert [r["metrics/delta1"] == "" for r in rows] == [True, False], rows
+    assert "metrics/mAP50(B)" not in rows[0]
