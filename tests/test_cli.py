@@ -72,7 +72,7 @@ BAD = {
                                    "1 of 4 label files are corrupt", {}),
     "imgsz not a multiple of the stride": (["imgsz=100"], "imgsz=96 or imgsz=128", {}),
     "missing model yaml": (["model=yolov8q.yaml"], "model=yolov8q.yaml", {}),
-    "not a detection model": (["model=yolov8n-cls.yaml"], "not a detection head", {}),
+    "a head of no task": (["model=rtdetr-l.yaml"], "its last layer is RTDETRDecoder", {}),
     "missing local weights": (["model=missing.pt"], "nothing is downloaded", {}),
     "unused ultralytics key": (["patience=5"], "does not use", {}),
     "fraction out of range": (["fraction=1.5"], "fraction=1.5", {}),

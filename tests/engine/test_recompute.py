@@ -157,7 +157,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 torch.manual_seed(10 + rank)  # each rank its own images
                 for _ in range(3):
                     batch = tiny_batch()
-                    items, _ = forward_backward(strategy, criterion, [batch], sync=True)
+                    items, _ = forward_backward(strategy, criterion, [batch], sync=True, mean_loss=False)
                     losses.append(items.clone())
                     strategy.step(items)
                     ema.update()

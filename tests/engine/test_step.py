@@ -20,7 +20,7 @@ def loader_batch(n: int = 4) -> dict:
 
 def test_micro_batches_keep_each_image_with_its_boxes():
     batch = loader_batch()
-    parts = micro_batches(batch, micro=2, device=torch.device("cpu"))
+    parts = micro_batches(batch, micro=2, device=torch.device("cpu"), per_object=DETECT.per_object)
     assert [p["img"].shape[0] for p in parts] == [2, 2]
     assert all(p["img"].dtype == torch.float32 and p["img"].max() <= 1 for p in parts)  # preprocessed to [0, 1]
     for k, part in enumerate(parts):
@@ -41,10 +41,10 @@ def test_micro_batches_accumulate_gradients_and_average_the_loss_items(one_rank_
     def run(parts):
         for p in params:
             p.grad = None
-        items, names = forward_backward(strategy, state.criterion, parts, sync=True)
+        items, names = forward_backward(strategy, state.criterion, parts, sync=True, mean_loss=False)
         return items, names, [p.grad.clone() for p in params]
 
-    first, second = micro_batches(batch, micro=2, device=strategy.device)
+    first, second = micro_batches(batch, micro=2, device=strategy.device, per_object=DETECT.per_object)
     both, names, both_grads = run([first, second])
     one, _, one_grads = run([first])
     two, _, two_grads = run([second])

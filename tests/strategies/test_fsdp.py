@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, port: int, optimizer: str, out: str) -> None:
         stepped = [t for g in inner.param_groups for t in g["params"]]
         before = {n: p.to_local().clone() for n, p in strategy.raw_model.named_parameters()}
         for _ in range(2):
-            forward_backward(strategy, criterion, [tiny_batch()], sync=True)
+            forward_backward(strategy, criterion, [tiny_batch()], sync=True, mean_loss=False)
             strategy.step()
         params = dict(strategy.raw_model.named_parameters())
         views = [strategy._shards.key(p) for p in params.values()]

@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 torch.manual_seed(10 + rank)  # each rank its own images
                 losses = []
                 for _ in range(2):
-                    items, _ = forward_backward(strategy, criterion, [tiny_batch()], sync=True)
+                    items, _ = forward_backward(strategy, criterion, [tiny_batch()], sync=True, mean_loss=False)
                     strategy.step(items)
                     losses.append(items.clone())
                 results[name, sharded] = (initial, losses, strategy.full_state_dict(), held,
